@@ -1,0 +1,175 @@
+// The noise contract of shared/design/NOISE.md in C++: one implementation for the CPU and
+// CUDA backends. Torch-free (plain integers and floats) so that nvcc and the host compiler
+// both take it as it is.
+//
+//   philox4x32_10(counter, seed)      four 32-bit words for a 64-bit counter and 64-bit key
+//   gaussian4(seed, j)                z at global indices 4j .. 4j+3 (Box-Muller, float32)
+//   rademacher_words(seed, j)         128 sign bits for global indices 128j .. 128j+127
+//
+// The host build uses branch-free polynomial log and sincos (a few ulp, far inside the
+// contract's 2e-5) so that the CPU loops vectorize; device code uses CUDA's precise logf and
+// sincospif. Neither is a fast-math approximation.
+#pragma once
+
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define ZO_HD __host__ __device__ __forceinline__
+#else
+#define ZO_HD inline __attribute__((always_inline))
+#endif
+
+namespace zo {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+// Element offsets of consecutive parameters are rounded up to this, so every tensor starts
+// on a fresh counter for both distributions.
+constexpr int64_t kAlign = 128;
+
+enum Distribution : int { kGaussian = 0, kRademacher = 1 };
+
+struct Words4 {
+  uint32_t w0, w1, w2, w3;
+};
+
+struct Float4 {
+  float x, y, z, w;
+};
+
+ZO_HD Words4 philox4x32_10(uint64_t counter, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#else
+#pragma GCC unroll 10
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxW0;  // the bump after the last round is unused
+    k1 += kPhiloxW1;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// u = ((w >> 9) + 0.5) * 2^-23: in (0, 1), exact in float32.
+ZO_HD float uniform_open01(uint32_t w) {
+  return (static_cast<float>(w >> 9) + 0.5f) * 1.1920928955078125e-07f;
+}
+
+ZO_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
+ZO_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+#endif
+}
+
+#if !defined(__CUDA_ARCH__)
+// ln(x) for normal positive x (Cephes logf: mantissa in [sqrt(1/2), sqrt(2)), degree-9 poly).
+ZO_HD float host_logf(float x) {
+  const uint32_t bits = float_to_bits(x);
+  int e = static_cast<int>((bits >> 23) & 0xff) - 127;
+  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return (f + y) + 0.693359375f * fe;
+}
+
+// cos(2 pi u), sin(2 pi u) for u in [0, 1]: exact reduction to an octant in u, Cephes
+// polynomials on [-pi/4, pi/4], then a quarter-turn rotation.
+ZO_HD void host_sincos2pi(float u, float* c_out, float* s_out) {
+  // quarter turns, round(4u) for u in (0, 1); truncation of a positive value is floor
+  const float k = static_cast<float>(static_cast<int>(4.0f * u + 0.5f));
+  const float a = 6.28318530717958647692f * (u - 0.25f * k);
+  const float a2 = a * a;
+  const float s = a + a * a2 * (-1.6666654611e-1f + a2 * (8.3321608736e-3f + a2 * -1.9515295891e-4f));
+  const float c = 1.0f - 0.5f * a2 +
+                  a2 * a2 * (4.166664568298827e-2f + a2 * (-1.388731625493765e-3f + a2 * 2.443315711809948e-5f));
+  const int q = static_cast<int>(k) & 3;
+  const float cq = (q == 0) ? c : (q == 1) ? -s : (q == 2) ? -c : s;
+  const float sq = (q == 0) ? s : (q == 1) ? c : (q == 2) ? -s : -c;
+  *c_out = cq;
+  *s_out = sq;
+}
+#endif
+
+ZO_HD void box_muller(uint32_t wr, uint32_t wt, float* z0, float* z1) {
+  const float ur = uniform_open01(wr), ut = uniform_open01(wt);
+#if defined(__CUDA_ARCH__)
+  const float r = sqrtf(-2.0f * logf(ur));
+  float s, c;
+  sincospif(2.0f * ut, &s, &c);
+#else
+  const float r = std::sqrt(-2.0f * host_logf(ur));
+  float s, c;
+  host_sincos2pi(ut, &c, &s);
+#endif
+  *z0 = r * c;
+  *z1 = r * s;
+}
+
+// Gaussian z at global indices 4j, 4j+1, 4j+2, 4j+3.
+ZO_HD Float4 gaussian4(uint64_t seed, uint64_t j) {
+  const Words4 w = philox4x32_10(j, seed);
+  Float4 z;
+  box_muller(w.w0, w.w1, &z.x, &z.y);
+  box_muller(w.w2, w.w3, &z.z, &z.w);
+  return z;
+}
+
+// Sign bits of global indices 128j .. 128j+127: bit b of word b/32; z = +1 where it is set.
+ZO_HD Words4 rademacher_words(uint64_t seed, uint64_t j) { return philox4x32_10(j, seed); }
+
+// float32 -> bfloat16 bits, round to nearest even (NaN kept quiet).
+ZO_HD uint16_t float_to_bf16_rne(float f) {
+  const uint32_t b = float_to_bits(f);
+  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  const bool nan = (b & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(nan ? ((b >> 16) | 0x40u) : rounded);
+}
+
+ZO_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+}  // namespace zo

@@ -1,0 +1,97 @@
+"""Backends: the same in-place op over a parameter list, on different hardware.
+
+Every backend implements one primitive, the pass of NOISE.md's schedule:
+
+    noise_axpby_(params, offsets, seeds, scales, distribution)
+        params[k] = scales[0] * params[k] + sum_i scales[1 + i] * z_k(seeds[i])
+
+``offsets[k]`` is the global index of ``params[k]``'s first element (``noise.offsets``),
+``seeds`` are Python ints in [0, 2**64), ``scales`` a float32 vector on the params' device
+(so a GPU step need not sync to the host). Arithmetic is float32; results are stored in the
+parameter's dtype with round-to-nearest-even.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from . import cpu, torch_ref
+
+# Tried in this order by backend="auto", per device type.
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable in this process, else a one-line reason."""
+
+    def supports(self, tensor: torch.Tensor) -> bool:
+        """Whether this backend handles this tensor's device and dtype."""
+
+    def noise_axpby_(self, params: Sequence[torch.Tensor], offsets: Sequence[int],
+                     seeds: Sequence[int], scales: torch.Tensor, distribution: str) -> None:
+        ...
+
+
+def _optional(module_name: str):
+    """Backends whose modules need optional packages register themselves if importable."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__name__}.{module_name}").BACKEND
+    except ImportError:
+        return None
+
+
+def _registry() -> dict[str, Backend]:
+    found = [torch_ref.BACKEND, cpu.BACKEND] + [b for b in map(_optional, ("triton", "cuda")) if b]
+    return {b.name: b for b in found}
+
+
+BACKENDS: dict[str, Backend] = _registry()
+NAMES = ("auto", "torch", "cpu", "triton", "cuda")
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this process."""
+    return [name for name, b in BACKENDS.items() if b.unavailable_reason() is None]
+
+
+def unavailable_backends() -> dict[str, str]:
+    """Each backend that cannot be used here, with the reason."""
+    reasons = {name: b.unavailable_reason() for name, b in BACKENDS.items()}
+    out = {name: r for name, r in reasons.items() if r is not None}
+    for name in NAMES[1:]:
+        if name not in BACKENDS:
+            out[name] = "not installed (its module failed to import)"
+    return out
+
+
+def check_name(backend: str) -> str:
+    if backend not in NAMES:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {NAMES}")
+    if backend != "auto":
+        reason = unavailable_backends().get(backend)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} is not available: {reason}; "
+                             f"available: {available_backends()}")
+    return backend
+
+
+def resolve(backend: str, tensor: torch.Tensor) -> Backend:
+    """The backend that runs ``tensor``: the named one, or auto's first that supports it."""
+    check_name(backend)
+    if backend != "auto":
+        b = BACKENDS[backend]
+        if not b.supports(tensor):
+            raise ValueError(f"backend {backend!r} does not support {tensor.dtype} tensors on "
+                             f"{tensor.device}; use backend='auto' or 'torch'")
+        return b
+    for name in AUTO_ORDER.get(tensor.device.type, ("torch",)):
+        b = BACKENDS.get(name)
+        if b is not None and b.unavailable_reason() is None and b.supports(tensor):
+            return b
+    return BACKENDS["torch"]

@@ -1,0 +1,96 @@
+"""Functional ops: in-place, seeded noise over a list of parameters, one pass over memory.
+
+The direction z of a seed is defined over the whole list (shared/design/NOISE.md): tensor k
+starts at global index ``base_offset + noise.offsets(numels)[k]``, so the same seed gives the
+same z on every backend, device and process.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import backends, noise
+
+Scales = Sequence[float] | torch.Tensor
+
+
+def check_params(params: Sequence[torch.Tensor], name: str = "params") -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"{name} must be a list of tensors, not a tensor; wrap it: [tensor]")
+    params = list(params)
+    for k, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name}[{k}] is a {type(p).__name__}, expected a torch.Tensor")
+        if p.is_sparse or p.layout != torch.strided:
+            raise TypeError(f"{name}[{k}] is sparse ({p.layout}); zo_opt needs dense tensors")
+        if not p.is_floating_point():
+            raise TypeError(f"{name}[{k}] has dtype {p.dtype}; zo_opt needs floating point tensors")
+        if not p.is_contiguous():
+            raise ValueError(f"{name}[{k}] is not contiguous (a view with strides {p.stride()}); "
+                             "perturb the tensor it views, or pass p.contiguous() and copy back")
+    return params
+
+
+def _scales_on(scales: Scales, device: torch.device) -> torch.Tensor:
+    if isinstance(scales, torch.Tensor):
+        return scales.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    return torch.tensor([float(s) for s in scales], dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def noise_axpby_(params: Sequence[torch.Tensor], seeds: Sequence[int], scales: Scales, *,
+                 distribution: str = "gaussian", backend: str = "auto",
+                 offsets: Sequence[int] | None = None, base_offset: int = 0) -> None:
+    """``params[k] = scales[0] * params[k] + sum_i scales[1+i] * z_k(seeds[i])``, in place.
+
+    The primitive of every pass: one backend call per (backend, device) among the params.
+    ``offsets`` overrides the global start index of each tensor (the optimizer passes a
+    group's slice of the offsets of all its parameters).
+    """
+    params = check_params(params)
+    seeds = [noise.check_seed(s) for s in seeds]
+    noise.check_distribution(distribution)
+    backends.check_name(backend)
+    if len(scales) != len(seeds) + 1:
+        raise ValueError(f"scales has {len(scales)} entries; expected 1 + len(seeds) = {len(seeds) + 1}")
+    if offsets is None:
+        offsets = [base_offset + o for o in noise.offsets([p.numel() for p in params])]
+    elif len(offsets) != len(params):
+        raise ValueError(f"offsets has {len(offsets)} entries for {len(params)} params")
+    work: dict[tuple[str, torch.device], tuple[list, list]] = {}
+    for p, o in zip(params, offsets):
+        if p.numel():
+            ps, os_ = work.setdefault((backends.resolve(backend, p).name, p.device), ([], []))
+            ps.append(p)
+            os_.append(o)
+    for (name, device), (ps, os_) in work.items():
+        backends.BACKENDS[name].noise_axpby_(ps, os_, seeds, _scales_on(scales, device), distribution)
+
+
+def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
+             distribution: str = "gaussian", backend: str = "auto", base_offset: int = 0) -> None:
+    """In place, ``params[k] += scale * z_k(seed)`` for a list of tensors."""
+    noise_axpby_(params, [seed], [1.0, scale], distribution=distribution, backend=backend,
+                 base_offset=base_offset)
+
+
+def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Scales, *,
+               distribution: str = "gaussian", backend: str = "auto", base_offset: int = 0) -> None:
+    """In place, ``params += sum_i coeffs[i] * z(seeds[i])``, in one pass over memory.
+
+    The replay of step records (data-parallel workers, a federated server) and the update of
+    the optimizer's last pass. ``coeffs`` may be a tensor on the params' device (no sync).
+    """
+    seeds = list(seeds)
+    if len(coeffs) != len(seeds):
+        raise ValueError(f"coeffs has {len(coeffs)} entries for {len(seeds)} seeds")
+    if not seeds:
+        return
+    if isinstance(coeffs, torch.Tensor):
+        coeffs = coeffs.detach().to(torch.float32).reshape(-1)
+        scales = torch.cat([torch.ones(1, dtype=torch.float32, device=coeffs.device), coeffs])
+    else:
+        scales = [1.0, *coeffs]
+    noise_axpby_(params, seeds, scales, distribution=distribution, backend=backend,
+                 base_offset=base_offset)

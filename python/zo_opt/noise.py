@@ -1,0 +1,129 @@
+"""Executable specification of the noise contract (shared/design/NOISE.md).
+
+Everything here is plain, vectorized torch on int64/float64 tensors: slow, exact, and the
+reference that every backend is tested against, element by element.
+
+* ``philox4x32(counter_lo, counter_hi, seed)``: Philox4x32-10 words for 64-bit counters.
+* ``offsets(numels)``: the 128-aligned global base offsets of a parameter list.
+* ``noise_at(indices, seed, distribution)``: z at global element indices.
+* ``direction(numels, seed, distribution)``: z for a whole parameter list.
+* ``direction_seed(base_seed, step, index)``: the seed of direction ``index`` at ``step``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+ALIGN = 128
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+def check_distribution(distribution: str) -> str:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"Invalid distribution: {distribution!r}; choose one of {DISTRIBUTIONS}")
+    return distribution
+
+
+def check_seed(seed: int) -> int:
+    """Seeds are unsigned 64-bit integers (the Philox key)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK64:
+        raise ValueError(f"Invalid seed: {seed!r}; a seed is an integer in [0, 2**64 - 1]")
+    return seed
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # b < 2**32 and a < 2**32, so the product fits in 64 bits; int64 wraps, and bits 32..63
+    # of the wrapped value are those of the unsigned product.
+    prod = b * a
+    return (prod >> 32) & MASK32, prod & MASK32
+
+
+def philox4x32(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: int,
+               counter_2: int = 0, counter_3: int = 0) -> list[torch.Tensor]:
+    """Philox4x32-10 with counter (lo, hi, c2, c3) and key (lo32(seed), hi32(seed)).
+
+    Counters are int64 tensors holding 32-bit values (the noise uses c2 = c3 = 0);
+    returns the four output words w0..w3.
+    """
+    seed = check_seed(seed)
+    k0, k1 = seed & MASK32, seed >> 32
+    c0, c1 = counter_lo & MASK32, counter_hi & MASK32
+    c2 = torch.full_like(c0, counter_2 & MASK32)
+    c3 = torch.full_like(c0, counter_3 & MASK32)
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def offsets(numels: Sequence[int]) -> list[int]:
+    """Global base offset of each parameter: o_0 = 0, o_{k+1} = o_k + roundup(numel_k, 128)."""
+    out, o = [], 0
+    for n in numels:
+        out.append(o)
+        o += -(-int(n) // ALIGN) * ALIGN
+    return out
+
+
+def _uniform(word: torch.Tensor) -> torch.Tensor:
+    return ((word >> 9).to(torch.float64) + 0.5) * 2.0**-23
+
+
+def noise_at(indices: torch.Tensor, seed: int, distribution: str = "gaussian") -> torch.Tensor:
+    """z at the given global element indices (int64 tensor), as float64."""
+    check_distribution(distribution)
+    g = indices.to(torch.int64)
+    if distribution == "gaussian":
+        j, lane = g >> 2, g & 3
+        w = philox4x32(j & MASK32, j >> 32, seed)
+        pair = lane >> 1  # lanes 0,1 use (u0, u1); lanes 2,3 use (u2, u3)
+        u_r = torch.where(pair == 0, _uniform(w[0]), _uniform(w[2]))
+        u_t = torch.where(pair == 0, _uniform(w[1]), _uniform(w[3]))
+        r = torch.sqrt(-2.0 * torch.log(u_r))
+        t = (2.0 * math.pi) * u_t
+        return torch.where((lane & 1) == 0, r * torch.cos(t), r * torch.sin(t))
+    j, b = g >> 7, g & 127
+    w = philox4x32(j & MASK32, j >> 32, seed)
+    word = torch.stack(w).gather(0, (b >> 5).unsqueeze(0)).squeeze(0)
+    bit = (word >> (b & 31)) & 1
+    return bit.to(torch.float64) * 2.0 - 1.0
+
+
+def direction(numels: Sequence[int], seed: int, distribution: str = "gaussian",
+              base_offset: int = 0) -> list[torch.Tensor]:
+    """The reference z of NOISE.md for a parameter list: one float32 CPU tensor per parameter."""
+    out = []
+    for n, o in zip(numels, offsets(numels)):
+        idx = torch.arange(int(n), dtype=torch.int64) + (base_offset + o)
+        out.append(noise_at(idx, seed, distribution).to(torch.float32))
+    return out
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def direction_seed(base_seed: int, step: int, index: int) -> int:
+    """Seed of direction ``index`` at optimizer step ``step``: a SplitMix64 chain.
+
+    ``splitmix64(splitmix64(splitmix64(base) ^ step) ^ index)``: a bijective mix at every
+    link, so distinct (step, index) pairs give unrelated seeds, with no state to advance and
+    no short cycles (the old repo re-seeded a global RNG and repeated directions).
+    """
+    x = _splitmix64(check_seed(base_seed))
+    x = _splitmix64(x ^ (step & MASK64))
+    return _splitmix64(x ^ (index & MASK64))

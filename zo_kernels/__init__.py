@@ -1,0 +1,1 @@
+"""Triton kernels of zo-opt (filled in by the Triton backend)."""
