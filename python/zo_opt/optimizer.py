@@ -219,7 +219,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         one = torch.ones((), device=c.device)
         keep = torch.where(ok, one * mu, one)
-        noise_axpby_(bufs, seeds, torch.cat([keep.reshape(1), torch.where(ok, c, 0 * c)]),
+        noise_axpby_(bufs, seeds, torch.cat([keep.reshape(1), torch.where(ok, c, torch.zeros_like(c))]),
                      distribution=self.distribution, backend=self.backend, offsets=offs)
         if bool(ok):
             if wd:
@@ -256,7 +256,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                        f"({losses.tolist()}); parameters restored, update skipped")
             if self.nonfinite == "raise":
                 raise FloatingPointError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)  # the caller of step()
         return losses.mean()
 
     # -- state ------------------------------------------------------------------------------

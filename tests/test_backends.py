@@ -1,0 +1,176 @@
+"""Every backend against the reference (zo_opt.noise), element by element, and the
+functional ops' algebra (restore, update = sum of perturbations)."""
+import pytest
+import torch
+
+import zo_opt
+from zo_opt import backends, noise
+from zo_opt.functional import noise_axpby_, perturb_, zo_update_
+
+FAST = [b for b in ("cpu",) if b in zo_opt.available_backends()]
+ALL = zo_opt.available_backends()  # triton under the interpreter: small sizes only
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SEEDS = [0, 1, 2**32 + 17, 2**64 - 1]
+SHAPES = [(0,), (1,), (3,), (127,), (128,), (129,), (5, 7), (2, 3, 50)]
+ATOL = {"gaussian": 2e-5, "rademacher": 0.0}
+
+
+def reference(values, numels, seeds, coeffs, distribution, base_offset=0, alpha=1.0):
+    """alpha * v + sum_i c_i z_i in float32, rounded to the parameter dtype by torch (RNE)."""
+    out = []
+    zs = [noise.direction(numels, s, distribution, base_offset) for s in seeds]
+    for k, v in enumerate(values):
+        acc = torch.zeros(v.numel())
+        for c, z in zip(coeffs, zs):
+            acc += c * z[k]
+        out.append((alpha * v.float().reshape(-1) + acc).to(v.dtype).view_as(v))
+    return out
+
+
+def assert_matches(got, want, distribution):
+    for g, w in zip(got, want):
+        if distribution == "rademacher" or g.dtype != torch.float32:
+            # exact, or within one rounding step of the parameter dtype when the float32
+            # results differ by float32 rounding of log/sin/cos
+            tol = 0.0 if distribution == "rademacher" else torch.finfo(g.dtype).eps * (1 + w.float().abs())
+            assert ((g.float() - w.float()).abs() <= tol).all(), (g, w)
+        else:
+            torch.testing.assert_close(g, w, rtol=0, atol=ATOL[distribution])
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_perturb_matches_reference_on_ragged_shapes(backend, distribution, seed):
+    params = [torch.randn(s) for s in SHAPES]
+    want = reference(params, [p.numel() for p in params], [seed], [0.5], distribution)
+    perturb_(params, seed, 0.5, distribution=distribution, backend=backend)
+    assert_matches(params, want, distribution)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_round_to_nearest_like_torch(backend, distribution, dtype):
+    params = [torch.randn(s).to(dtype) for s in [(300,), (129,), (4, 33)]]
+    want = reference(params, [p.numel() for p in params], [5, 6], [0.3, -0.7], distribution)
+    zo_update_(params, [5, 6], [0.3, -0.7], distribution=distribution, backend=backend)
+    assert_matches(params, want, distribution)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_mixed_dtypes_in_one_call(backend):
+    params = [torch.randn(200).to(d) for d in DTYPES] + [torch.randn(3, 3)]
+    want = reference(params, [p.numel() for p in params], [9], [1.0], "gaussian")
+    perturb_(params, 9, 1.0, backend=backend)
+    assert_matches(params, want, "gaussian")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_counters_above_2_pow_32(backend, distribution, kat):
+    """A faked global offset past 2**34 (no allocation): counter hi words are used."""
+    base = kat["indices"][-1] - 1  # 17179869313: crosses a Gaussian lane and 2**32 counters
+    p = [torch.zeros(260)]
+    perturb_(p, 12345, 1.0, distribution=distribution, backend=backend, base_offset=base - base % 128)
+    want = noise.noise_at(torch.arange(260) + base - base % 128, 12345, distribution).float()
+    torch.testing.assert_close(p[0], want, rtol=0, atol=ATOL[distribution])
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_kat_indices(backend, kat):
+    for case in kat["cases"]:
+        seed = int(case["seed"])
+        for distribution in noise.DISTRIBUTIONS:
+            for g, value in zip(kat["indices"], case[distribution]):
+                base = g - g % 128
+                p = [torch.zeros(128)]
+                perturb_(p, seed, 1.0, distribution=distribution, backend=backend, base_offset=base)
+                assert abs(p[0][g - base].item() - value) <= ATOL[distribution] + 1e-7
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_large_tensor_matches_reference(backend, distribution):
+    params = [torch.zeros(2**20 + 37), torch.zeros(1000)]
+    perturb_(params, 2**63 + 3, 1.0, distribution=distribution, backend=backend)
+    want = noise.direction([p.numel() for p in params], 2**63 + 3, distribution)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p, w, rtol=0, atol=ATOL[distribution])
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_then_minus_restores_within_one_ulp(backend, dtype):
+    params = [torch.randn(1000).to(dtype), torch.randn(77).to(dtype)]
+    before = [p.clone() for p in params]
+    perturb_(params, 3, 1e-3, backend=backend)
+    perturb_(params, 3, -1e-3, backend=backend)
+    for p, b in zip(params, before):
+        ulp = torch.finfo(dtype).eps * b.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((p.float() - b.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_update_equals_sum_of_perturbations(backend, distribution):
+    seeds, coeffs = [1, 2**40, 3], [0.25, -0.5, 1.5]
+    a = [torch.randn(300), torch.randn(2, 70)]
+    b = [t.clone() for t in a]
+    zo_update_(a, seeds, coeffs, distribution=distribution, backend=backend)
+    for s, c in zip(seeds, coeffs):
+        perturb_(b, s, c, distribution=distribution, backend=backend)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_alpha_scales_the_parameters(backend):
+    p = [torch.randn(500)]
+    want = reference(p, [500], [4], [0.1], "gaussian", alpha=0.9)
+    noise_axpby_(p, [4], [0.9, 0.1], backend=backend)
+    assert_matches(p, want, "gaussian")
+
+
+def test_update_takes_coefficients_as_a_tensor():
+    a, b = [torch.randn(100)], [torch.randn(100)]
+    b[0].copy_(a[0])
+    zo_update_(a, [1, 2], torch.tensor([0.5, -1.0]))
+    zo_update_(b, [1, 2], [0.5, -1.0])
+    assert torch.equal(a[0], b[0])
+
+
+def test_auto_picks_the_cpu_backend_when_built():
+    t = torch.zeros(4)
+    expected = "cpu" if "cpu" in zo_opt.available_backends() else "torch"
+    assert backends.resolve("auto", t).name == expected
+    assert backends.resolve("auto", t.double()).name == "torch"  # float64: reference only
+
+
+def test_availability_is_reported_with_reasons():
+    available, missing = zo_opt.available_backends(), zo_opt.unavailable_backends()
+    assert "torch" in available
+    assert set(available).isdisjoint(missing)
+    assert set(available) | set(missing) == {"torch", "cpu", "triton", "cuda"}
+    assert all(isinstance(r, str) and r for r in missing.values())
+
+
+def test_bad_input_is_rejected_with_the_argument_named():
+    with pytest.raises(TypeError, match="list of tensors"):
+        perturb_(torch.zeros(3), 0, 1.0)
+    with pytest.raises(TypeError, match="floating point"):
+        perturb_([torch.zeros(3, dtype=torch.int64)], 0, 1.0)
+    with pytest.raises(TypeError, match="sparse"):
+        perturb_([torch.zeros(3).to_sparse()], 0, 1.0)
+    with pytest.raises(ValueError, match="not contiguous"):
+        perturb_([torch.zeros(4, 4).t()], 0, 1.0)
+    with pytest.raises(ValueError, match="backend"):
+        perturb_([torch.zeros(3)], 0, 1.0, backend="fortran")
+    with pytest.raises(ValueError, match="distribution"):
+        perturb_([torch.zeros(3)], 0, 1.0, distribution="uniform")
+    with pytest.raises(ValueError, match="seed"):
+        perturb_([torch.zeros(3)], -1, 1.0)
+    with pytest.raises(ValueError, match="coeffs"):
+        zo_update_([torch.zeros(3)], [1, 2], [1.0])
+    with pytest.raises(ValueError, match="does not support"):
+        perturb_([torch.zeros(3, dtype=torch.float64)], 0, 1.0, backend="cpu")

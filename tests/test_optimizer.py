@@ -1,0 +1,300 @@
+"""ZOOptimizer: the update it applies, convergence, the estimator's statistics, resume,
+failure handling, memory and input validation."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import zo_opt
+from zo_opt import ZOOptimizer, noise
+
+BACKENDS = [b for b in ("torch", "cpu") if b in zo_opt.available_backends()]
+
+
+def quadratic(p):
+    return lambda: (p**2).sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["central", "forward"])
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_update_is_minus_lr_mean_g_z_from_the_record(backend, estimator, distribution):
+    p = torch.randn(1000)
+    before = p.clone()
+    opt = ZOOptimizer([p], lr=0.1, q=3, seed=5, estimator=estimator,
+                      distribution=distribution, backend=backend)
+    opt.step(quadratic(p))
+    rec = opt.last_record
+    z = [noise.direction([1000], s, distribution)[0] for s in rec.seeds]
+    expected = before - 0.1 * sum(g * zi for g, zi in zip(rec.grads, z)) / 3
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-5)
+    assert rec.q == 3 and rec.lr == 0.1 and rec.eps == 1e-3 and rec.step == 0
+    assert rec.seeds == [noise.direction_seed(5, 0, i) for i in range(3)]
+
+
+def test_record_replays_through_zo_update_on_another_copy():
+    p = torch.randn(3000)
+    replica = p.clone()
+    opt = ZOOptimizer([p], lr=0.05, q=4, seed=1)
+    for _ in range(3):
+        opt.step(quadratic(p))
+        rec = opt.last_record
+        zo_opt.functional.zo_update_([replica], rec.seeds, -rec.lr * rec.grads / rec.q)
+    torch.testing.assert_close(replica, p, rtol=0, atol=1e-5)
+
+
+def test_central_projected_gradient_is_the_directional_derivative():
+    w = torch.randn(500)
+    p = torch.randn(500)
+    opt = ZOOptimizer([p], lr=0.0, q=5, eps=1e-2, seed=2)
+    opt.step(lambda: (w * p).sum())  # linear: the central difference is exact
+    for s, g in zip(opt.last_record.seeds, opt.last_record.grads):
+        z = noise.direction([500], s)[0]
+        assert abs(g.item() - (w * z).sum().item()) < 1e-3 * (1 + abs(g.item()))
+
+
+def test_zo_sgd_reduces_least_squares_tenfold():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(64, 16, generator=gen) / 4
+    x_true = torch.randn(16, generator=gen)
+    b = A @ x_true
+    x = torch.zeros(16)
+    loss = lambda: ((A @ x - b) ** 2).mean()
+    start = loss().item()
+    opt = ZOOptimizer([x], lr=0.2, q=4, seed=0)
+    for _ in range(400):
+        opt.step(loss)
+    assert loss().item() < start / 10
+
+
+def test_zo_trains_a_small_mlp_classifier_above_chance():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=gen) * 1.5
+    y = torch.randint(0, 4, (512,), generator=gen)
+    X = centers[y] + torch.randn(512, 8, generator=gen)  # 4 classes: chance is 25%
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    opt = ZOOptimizer(model.parameters(), lr=0.1, q=8, eps=1e-3, seed=3)
+    loss_fn = lambda: torch.nn.functional.cross_entropy(model(X), y)
+    start = loss_fn().item()
+    for _ in range(300):
+        opt.step(loss_fn)
+    accuracy = (model(X).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.85, accuracy
+    assert loss_fn().item() < start / 4
+
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_estimate_points_along_the_true_gradient(distribution):
+    """Over many seeds, mean_i g_i z_i of a linear function has cosine > 0.95 with w."""
+    w = torch.randn(20, dtype=torch.float64)
+    p = torch.zeros(20)
+    opt = ZOOptimizer([p], lr=0.0, q=2000, eps=1e-2, seed=7, distribution=distribution)
+    opt.step(lambda: (w * p.double()).sum())
+    rec = opt.last_record
+    z = torch.stack([noise.direction([20], s, distribution)[0] for s in rec.seeds]).double()
+    estimate = (rec.grads.double()[:, None] * z).mean(0)
+    cosine = torch.nn.functional.cosine_similarity(estimate, w, dim=0).item()
+    assert cosine > 0.95
+    assert abs(estimate.norm().item() / w.norm().item() - 1) < 0.15  # unbiased in scale too
+
+
+def test_closure_with_index_gets_each_query_index_twice():
+    p = torch.zeros(10)
+    seen = []
+    opt = ZOOptimizer([p], q=3, seed=0)
+    opt.step(lambda i: seen.append(i) or float(p.sum()))
+    assert seen == [0, 0, 1, 1, 2, 2]
+    seen.clear()
+    ZOOptimizer([p], q=3, seed=0, estimator="forward").step(lambda i: seen.append(i) or 0.0)
+    assert seen == [0, 0, 1, 2]
+
+
+def test_step_returns_the_mean_of_the_evaluations():
+    p = torch.randn(10)
+    values = []
+
+    def closure():
+        values.append((p**2).sum().item())
+        return (p**2).sum()
+
+    loss = ZOOptimizer([p], q=2, seed=0).step(closure)
+    assert len(values) == 4 and math.isclose(loss.item(), sum(values) / 4, rel_tol=1e-6)
+
+
+def test_param_groups_weight_decay_and_scheduler():
+    a, b = torch.ones(100), torch.ones(100)
+    opt = ZOOptimizer([{"params": [a], "lr": 0.0, "weight_decay": 0.0},
+                       {"params": [b], "lr": 0.5, "weight_decay": 0.1}], q=1, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(lambda: 0.0)  # constant loss: g = 0, only the decay acts
+    torch.testing.assert_close(a, torch.ones(100), rtol=0, atol=1e-6)
+    torch.testing.assert_close(b, torch.full((100,), 1 - 0.5 * 0.1), rtol=0, atol=1e-6)
+    sched.step()
+    assert opt.param_groups[1]["lr"] == 0.25
+    assert opt.last_record.group_lrs == (0.0, 0.5)
+
+
+def test_momentum_matches_sgd_with_momentum_on_the_estimates():
+    p = torch.randn(200)
+    ref = p.clone()
+    buf = torch.zeros(200)
+    opt = ZOOptimizer([p], lr=0.1, q=2, momentum=0.9, weight_decay=0.01, seed=4)
+    for _ in range(3):
+        opt.step(quadratic(p))
+        rec = opt.last_record
+        z = [noise.direction([200], s)[0] for s in rec.seeds]
+        ghat = sum(g * zi for g, zi in zip(rec.grads, z)) / rec.q
+        buf = 0.9 * buf + ghat + 0.01 * ref
+        ref = ref - 0.1 * buf
+    torch.testing.assert_close(p, ref, rtol=0, atol=1e-4)
+    assert "momentum_buffer" in opt.state[p]
+
+
+def train(p, opt, steps):
+    for _ in range(steps):
+        opt.step(lambda: ((p - 1) ** 2).sum())
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_resume_is_bit_identical(tmp_path, momentum):
+    init = torch.randn(500)
+    p = init.clone()
+    train(p, ZOOptimizer([p], lr=1e-3, q=2, momentum=momentum), 0)  # seedless construction works
+    p = init.clone()
+    train(p, ZOOptimizer([p], lr=1e-3, q=2, seed=11, momentum=momentum), 6)
+
+    q = init.clone()
+    first = ZOOptimizer([q], lr=1e-3, q=2, seed=11, momentum=momentum)
+    train(q, first, 3)
+    torch.save({"p": q, "opt": first.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    r = ckpt["p"].clone()
+    second = ZOOptimizer([r], lr=1e-3, q=2, momentum=momentum)  # a different drawn seed
+    second.load_state_dict(ckpt["opt"])
+    train(r, second, 3)
+    assert torch.isfinite(p).all() and not torch.equal(p, init)
+    assert torch.equal(r, p)
+    assert second.step_count == 6
+
+
+def test_unseeded_optimizers_draw_distinct_seeds():
+    p = torch.zeros(1)
+    assert ZOOptimizer([p]).base_seed != ZOOptimizer([p]).base_seed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 3])
+def test_closure_exception_restores_parameters(backend, fail_at):
+    p = torch.randn(300)
+    before = p.clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) > fail_at:
+            raise RuntimeError("boom")
+        return (p**2).sum()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ZOOptimizer([p], q=2, eps=1e-2, seed=0, backend=backend).step(closure)
+    torch.testing.assert_close(p, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_skips_with_warning_and_restores(bad):
+    p = torch.randn(300)
+    before = p.clone()
+    calls = []
+    opt = ZOOptimizer([p], q=2, eps=1e-2, seed=0, momentum=0.0)
+
+    def closure():
+        calls.append(1)
+        return bad if len(calls) == 3 else (p**2).sum()
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(closure)
+    torch.testing.assert_close(p, before, rtol=0, atol=1e-6)
+    assert opt.step_count == 1  # the next step draws fresh directions
+
+
+def test_nonfinite_raise_restores_then_raises():
+    p = torch.randn(300)
+    before = p.clone()
+    opt = ZOOptimizer([p], q=1, seed=0, nonfinite="raise", momentum=0.5)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step(lambda: float("nan"))
+    torch.testing.assert_close(p, before, rtol=0, atol=1e-6)
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros(300))
+
+
+@pytest.mark.skipif("cpu" not in zo_opt.available_backends(), reason="the cpu backend is not built")
+def test_a_step_allocates_nothing_parameter_sized():
+    params = [torch.randn(1 << 20) for _ in range(4)]  # 4 MiB each
+    opt = ZOOptimizer(params, lr=1e-3, q=4, seed=0, backend="cpu")
+    closure = lambda: params[0][:10].sum()
+    opt.step(closure)  # warm up (lazy init)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        opt.step(closure)
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert sizes, "the profiler saw no allocation at all: the measurement is broken"
+    assert max(sizes) < params[0].numel() * 4 // 100  # < 1% of one parameter's bytes
+
+
+def test_the_memory_probe_sees_parameter_sized_allocations():
+    """The probe above would catch a clone: check it on one."""
+    p = torch.randn(1 << 20)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        p.clone()
+    assert max(e.cpu_memory_usage for e in prof.events()) >= p.numel() * 4
+
+
+def test_step_without_closure_is_a_clear_error():
+    with pytest.raises(TypeError, match="closure"):
+        ZOOptimizer([torch.zeros(2)]).step()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(q=0), "q"), (dict(q=2.5), "q"), (dict(eps=0.0), "eps"), (dict(eps=-1.0), "eps"),
+    (dict(lr=-1.0), "lr"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(momentum=-0.5), "momentum"), (dict(distribution="cauchy"), "distribution"),
+    (dict(estimator="backward"), "estimator"), (dict(backend="tpu"), "backend"),
+    (dict(nonfinite="ignore"), "nonfinite"), (dict(seed=-3), "seed"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ZOOptimizer([torch.zeros(2)], **kwargs)
+
+
+def test_bad_params_are_named():
+    with pytest.raises(TypeError, match="floating point"):
+        ZOOptimizer([torch.zeros(2, dtype=torch.int32)])
+    with pytest.raises(TypeError, match="sparse"):
+        ZOOptimizer([torch.zeros(2).to_sparse()])
+    with pytest.raises(ValueError, match="not available"):
+        unavailable = next(iter(zo_opt.unavailable_backends()))
+        ZOOptimizer([torch.zeros(2)], backend=unavailable)
+
+
+def test_params_on_several_devices_in_one_group_are_rejected():
+    meta = torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match="several devices"):
+        ZOOptimizer([torch.zeros(2), meta])
+
+
+def test_closure_must_return_a_scalar_loss():
+    opt = ZOOptimizer([torch.zeros(2)], seed=0)
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(lambda: torch.zeros(3))
+    with pytest.raises(TypeError, match="loss"):
+        opt.step(lambda: None)
+
+
+def test_load_state_dict_from_another_optimizer_is_rejected():
+    p = torch.zeros(2)
+    sgd = torch.optim.SGD([p], lr=0.1)
+    with pytest.raises(ValueError, match="ZOOptimizer"):
+        ZOOptimizer([p]).load_state_dict(sgd.state_dict())
