@@ -25,6 +25,7 @@ FORCE_JIT_ENV = "ZO_OPT_FORCE_JIT"  # "1": skip the ahead-of-time module (tests 
 CACHE_ENV = "ZO_OPT_CACHE"  # where first-use builds go (default ~/.cache/zo_opt)
 
 CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+CUDA_FLAGS = ["-O3", "-std=c++17"]  # no fast math: NOISE.md needs precise logf/sincospif
 
 
 def source_root() -> Path:
@@ -39,6 +40,15 @@ def cpu_sources(root: Path) -> list[Path]:
     return sorted((root / "cpu").glob("*.cpp"))
 
 
+def cuda_sources(root: Path) -> list[Path]:
+    """The CUDA kernels and their binding when torch has CUDA and nvcc is found, else []."""
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return []
+    return sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
+
+
 def _digest(paths: list[Path]) -> str:
     h = hashlib.sha256(torch.__version__.encode())
     for p in sorted(paths) + sorted(p.parent.parent / "zo_noise.h" for p in paths[:1]):
@@ -51,15 +61,19 @@ def _build_on_first_use() -> None:
 
     root = source_root()
     sources = cpu_sources(root)
+    cuda = cuda_sources(root)
+    headers = [p for p in (root / "cuda").iterdir() if p.suffix in (".h", ".cuh")] if cuda else []
+    kind = "cuda" if cuda else "cpu"
     cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "zo_opt"))
-    build_dir = cache / f"cpu-{_digest(sources)}"
+    build_dir = cache / f"{kind}-{_digest(sources + cuda + headers)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
-        print(f"zo_opt: compiling the C++ CPU kernels into {build_dir} (once, about a minute)",
+        print(f"zo_opt: compiling the C++ {kind.upper()} kernels into {build_dir} (once, minutes)",
               file=sys.stderr, flush=True)
-    cpp_extension.load(name="zo_opt_cpu", sources=[str(s) for s in sources],
-                       extra_cflags=CPU_FLAGS, extra_ldflags=["-fopenmp"],
-                       build_directory=str(build_dir), is_python_module=False)
+    cpp_extension.load(name=f"zo_opt_{kind}", sources=[str(s) for s in sources + cuda],
+                       extra_cflags=CPU_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+                       is_python_module=False)
 
 
 @functools.lru_cache(maxsize=None)

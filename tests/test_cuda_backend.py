@@ -1,0 +1,314 @@
+"""The CUDA backend (csrc/cuda/).
+
+Without a GPU: the torch-free kernel files compile with plain nvcc, the binding parses
+against torch's headers, the host-side tensor table packs and looks up tiles correctly, and
+the backend says why it is unavailable. With a GPU (-m gpu): the kernels against the noise
+reference and the torch backend at full size, every dtype, seed and large offsets, and
+against the Triton backend on the same inputs.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import zo_opt
+from zo_opt import backends, noise
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+KERNEL_FILES = sorted(CUDA_DIR.glob("*.cu"))
+
+
+def nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("nvcc")
+    if found is None and CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file():
+        found = str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return found
+
+
+def compile_or_fail(cmd: list[str]) -> None:
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, " ".join(cmd) + "\n" + run.stdout + run.stderr
+
+
+# --- CI, no GPU ------------------------------------------------------------------------------
+
+def test_there_are_kernel_files():
+    assert KERNEL_FILES, f"no .cu files under {CUDA_DIR}"
+
+
+@pytest.mark.parametrize("source", KERNEL_FILES, ids=lambda p: p.name)
+def test_kernel_file_compiles_with_plain_nvcc(source, tmp_path):
+    """No torch include path: the kernel bodies must stay torch-free."""
+    if nvcc() is None:
+        pytest.skip("nvcc not found (not on PATH, no CUDA_HOME)")
+    compile_or_fail([nvcc(), "-arch=sm_90", "-std=c++17", "-O3", "-c", str(source),
+                     "-o", str(tmp_path / "kernel.o")])
+
+
+def test_no_fast_math_anywhere():
+    """NOISE.md forbids fast-math approximations: no flag, no intrinsic."""
+    banned_flags = ("use_fast_math", "ftz=true", "prec-div=false", "prec-sqrt=false")
+    for path in (ROOT / "setup.py", ROOT / "python" / "zo_opt" / "_extension.py"):
+        text = path.read_text()
+        assert not any(flag in text for flag in banned_flags), path
+    banned_calls = ("__logf(", "__sinf(", "__cosf(", "__sincosf(", "__expf(", "__fdividef(")
+    for path in [ROOT / "csrc" / "zo_noise.h", *CUDA_DIR.iterdir()]:
+        text = path.read_text()
+        assert not any(call in text for call in banned_calls), path
+
+
+@pytest.mark.slow
+def test_binding_parses_against_torch_headers():
+    """The binding is compiled only where torch has CUDA; parse it here so CI catches API slips."""
+    from torch.utils.cpp_extension import CUDA_HOME, include_paths
+
+    cuda_include = Path(CUDA_HOME or "/usr/local/cuda") / "include"
+    torch_include = Path(include_paths()[0])
+    if not (cuda_include / "cuda_runtime.h").is_file():
+        pytest.skip(f"CUDA headers not found ({cuda_include})")
+    if not (torch_include / "c10" / "cuda" / "CUDAGuard.h").is_file():
+        pytest.skip("this torch ships no c10/cuda headers")
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    # a CPU torch lacks the header cmake generates for c10/cuda; it only sets export macros
+    compile_or_fail([compiler, "-std=c++17", "-fsyntax-only", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+                     *[f"-I{p}" for p in include_paths()], f"-I{cuda_include}",
+                     str(CUDA_DIR / "noise_axpby_binding.cpp")])
+
+
+TABLE_PROGRAM = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include "cuda/tensor_table.h"
+using namespace zo::cuda;
+// argv: numels. Packs a table with fixed seeds, prints layout, round trip and tile owners.
+int main(int argc, char** argv) {
+  std::vector<TensorEntry> t;
+  for (int i = 1; i < argc; ++i)
+    t.push_back({nullptr, std::atoll(argv[i]), 128LL * (i - 1), i % 3, i % 2});
+  const uint64_t seeds[3] = {0, 1, ~0ULL};
+  const int64_t n = static_cast<int64_t>(t.size());
+  const TableLayout l = table_layout(n, 3);
+  std::vector<uint64_t> buf(l.bytes / 8);
+  const int64_t tiles = pack_table(t.data(), n, seeds, 3, buf.data());
+  const char* base = reinterpret_cast<const char*>(buf.data());
+  const TensorEntry* e = reinterpret_cast<const TensorEntry*>(base);
+  const int64_t* tb = reinterpret_cast<const int64_t*>(base + l.tile_begin);
+  const uint64_t* s = reinterpret_cast<const uint64_t*>(base + l.seeds);
+  std::printf("bytes %zu tiles %lld\n", l.bytes, (long long)tiles);
+  for (int64_t k = 0; k < n; ++k)
+    std::printf("entry %lld %lld %d %d\n", (long long)e[k].numel, (long long)e[k].offset, e[k].dtype, e[k].aligned);
+  for (int i = 0; i < 3; ++i) std::printf("seed %llu\n", (unsigned long long)s[i]);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t k = tensor_of_tile(tb, n, tile);
+    std::printf("tile %lld %lld\n", (long long)k, (long long)((tile - tb[k]) * kTile));
+  }
+}
+"""
+
+
+def test_tensor_table_packs_and_finds_every_tile(tmp_path):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    (tmp_path / "table.cpp").write_text(TABLE_PROGRAM)
+    exe = tmp_path / "table"
+    compile_or_fail([compiler, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(tmp_path / "table.cpp"),
+                     "-o", str(exe)])
+    tile = 4096
+    numels = [0, 0, 3, 4096, 4097, 0, 1, 3 * 4096 + 5, 0, 128, 0]
+    lines = subprocess.run([str(exe), *map(str, numels)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    n = len(numels)
+    want_tiles = [(k, i * tile) for k, m in enumerate(numels) for i in range(-(-m // tile))]
+    assert lines[0] == f"bytes {32 * n + 8 * (n + 1) + 8 * 3} tiles {len(want_tiles)}"
+    assert lines[1:1 + n] == [f"entry {m} {128 * k} {(k + 1) % 3} {(k + 1) % 2}"
+                              for k, m in enumerate(numels)]
+    assert lines[1 + n:4 + n] == ["seed 0", "seed 1", f"seed {2**64 - 1}"]
+    assert lines[4 + n:] == [f"tile {k} {start}" for k, start in want_tiles]
+
+
+def test_unavailable_without_cuda_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible; the gpu tests below cover the available case")
+    cuda = backends.BACKENDS["cuda"]
+    reason = cuda.unavailable_reason()
+    assert reason and "\n" not in reason
+    if torch.version.cuda is None:
+        assert "torch.version.cuda is None" in reason
+    assert "cuda" not in zo_opt.available_backends()
+    assert backends.unavailable_backends()["cuda"] == reason
+    with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+        backends.check_name("cuda")
+    assert not cuda.supports(torch.zeros(3))
+
+
+# --- GPU (-m gpu) ----------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SEEDS = [0, 1, 2**32 + 17, 2**64 - 1]
+# ragged sizes around vectors, Philox blocks and tiles, and a GPT-2 sized matrix
+SHAPES = [(1,), (3,), (127,), (128,), (129,), (4095,), (4097,), (33, 129), (768, 3072),
+          (1_000_003,)]
+# global index bases: 0; straddling 2^34 (Gaussian counters past 2^32); past 2^41 (Rademacher
+# counters past 2^32)
+BASES = [0, 2**34 - 2048, 2**41 + 128]
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    backend = backends.BACKENDS["cuda"]
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        if torch.version.cuda is None or nvcc() is None:
+            pytest.skip(f"cuda backend cannot be built here: {reason}")
+        pytest.fail(f"a GPU and nvcc are here, but the cuda backend is unavailable: {reason}")
+    return backend
+
+
+def call(backend, params, seeds, scales, distribution, base=0):
+    offsets = [base + o for o in noise.offsets([p.numel() for p in params])]
+    scales = torch.tensor(scales, dtype=torch.float32, device=params[0].device)
+    backend.noise_axpby_(params, offsets, seeds, scales, distribution)
+
+
+def random_params(dtype, shapes=SHAPES, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(s, generator=g, device="cuda").to(dtype) for s in shapes]
+
+
+def assert_same(got, want, distribution, coeff_sum):
+    for g, w in zip(got, want):
+        if distribution == "rademacher":
+            assert torch.equal(g, w)  # same float32 operations in the same order
+        else:  # z within 2e-5 of each other, then one rounding to the dtype
+            tol = coeff_sum * 2e-5 + torch.finfo(g.dtype).eps * w.float().abs()
+            assert ((g.float() - w.float()).abs() <= tol).all(), (g.dtype, (g.float() - w.float()).abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("base", BASES)
+def test_direction_matches_reference_at_full_size(cuda, distribution, seed, base):
+    """z itself: scales [0, 1] on float32 zeros leaves exactly z in every element."""
+    params = [torch.zeros(s, device="cuda") for s in SHAPES]
+    call(cuda, params, [seed], [0.0, 1.0], distribution, base)
+    for p, o in zip(params, noise.offsets([p.numel() for p in params])):
+        idx = torch.arange(p.numel(), device="cuda") + (base + o)
+        want = noise.noise_at(idx, seed, distribution)
+        err = (p.reshape(-1).double() - want).abs().max().item()
+        assert err <= (2e-5 if distribution == "gaussian" else 0.0), (p.shape, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_known_answers(cuda, kat, distribution):
+    """Each KAT index g as the last element of a tensor placed at offset 128 * (g // 128)."""
+    for case in kat["cases"]:
+        params = [torch.zeros(g % 128 + 1, device="cuda") for g in kat["indices"]]
+        offsets = [g - g % 128 for g in kat["indices"]]
+        scales = torch.tensor([0.0, 1.0], device="cuda")
+        cuda.noise_axpby_(params, offsets, [int(case["seed"])], scales, distribution)
+        got = torch.stack([p[-1] for p in params]).double().cpu()
+        want = torch.tensor(case[distribution], dtype=torch.float64)
+        assert (got - want).abs().max() <= (2e-5 if distribution == "gaussian" else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_axpby_matches_torch_backend(cuda, distribution, dtype, seed):
+    """The full primitive, alpha != 1 and two seeds, against the reference backend."""
+    params = random_params(dtype)
+    want = [p.clone() for p in params]
+    seeds, scales = [seed, seed ^ 0x5DEECE66D], [0.75, 1e-3, -2.5e-3]
+    call(cuda, params, seeds, scales, distribution, base=2**34 - 2048)
+    call(backends.BACKENDS["torch"], want, seeds, scales, distribution, base=2**34 - 2048)
+    assert_same(params, want, distribution, sum(map(abs, scales[1:])))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_views_empty_tensors_and_many_seeds(cuda, distribution, dtype):
+    """Scalar paths (views off 16-byte alignment), empty tensors, q = 0 and q = 40."""
+    storage = torch.randn(10_001, device="cuda").to(dtype)
+    params = [storage[1:4098], torch.empty(0, device="cuda", dtype=dtype), storage[4099:],
+              *random_params(dtype, [(4097,), (129,)])]
+    assert params[0].data_ptr() % 16 != 0
+    want = [p.clone() for p in params]
+    for q in (0, 40):
+        seeds = [noise.direction_seed(7, 3, i) for i in range(q)]
+        scales = [0.5] + [(-1) ** i * 1e-2 for i in range(q)]
+        call(cuda, params, seeds, scales, distribution)
+        call(backends.BACKENDS["torch"], want, seeds, scales, distribution)
+        assert_same(params, want, distribution, sum(map(abs, scales[1:])))
+
+
+@pytest.mark.gpu
+def test_no_host_sync(cuda):
+    """Scales stay on the device and the table upload is asynchronous."""
+    params = random_params(torch.bfloat16, [(4097,), (768, 3072)])
+    scales = torch.tensor([1.0, 1e-3], device="cuda")
+    offsets = noise.offsets([p.numel() for p in params])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda.noise_axpby_(params, offsets, [2**64 - 1], scales, "gaussian")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_triton_backend(cuda, distribution, dtype):
+    triton = backends.BACKENDS.get("triton")
+    if triton is None or triton.unavailable_reason() is not None:
+        pytest.skip(f"triton backend unavailable: {backends.unavailable_backends().get('triton')}")
+    if not triton.supports(torch.zeros(1, device="cuda", dtype=dtype)):
+        pytest.skip("triton backend does not take CUDA tensors here (interpreter mode)")
+    params = random_params(dtype, seed=1)
+    want = [p.clone() for p in params]
+    seeds, scales = [2**64 - 1, 2**32 + 17], [0.75, 1e-3, -2.5e-3]
+    call(cuda, params, seeds, scales, distribution, base=2**34 - 2048)
+    call(triton, want, seeds, scales, distribution, base=2**34 - 2048)
+    assert_same(params, want, distribution, sum(map(abs, scales[1:])))
+
+
+SANITIZED = """
+import torch
+from zo_opt import backends, noise
+cuda = backends.BACKENDS["cuda"]
+storage = torch.randn(9000, device="cuda")
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    params = [storage[1:4098].to(dtype), torch.randn(4097, device="cuda").to(dtype), storage[5001:5128]]
+    for dist in noise.DISTRIBUTIONS:
+        cuda.noise_axpby_(params, noise.offsets([p.numel() for p in params]), [1, 2],
+                          torch.tensor([1.0, 0.1, 0.2], device="cuda"), dist)
+torch.cuda.synchronize()
+print("sanitized run ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_compute_sanitizer_clean(cuda, tmp_path):
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found")
+    run = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "1", sys.executable,
+                          "-c", SANITIZED], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+    assert run.returncode == 0 and "sanitized run ok" in run.stdout, run.stdout + run.stderr
