@@ -1,0 +1,214 @@
+"""The one pass of NOISE.md's schedule as a multi-tensor Triton kernel:
+
+    params[k] = scales[0] * params[k] + sum_i scales[1 + i] * z_k(seeds[i])
+
+z is regenerated in registers from (seed, global element index): Philox4x32-10 with key
+(lo32(seed), hi32(seed)) and counter (lo32(j), hi32(j), 0, 0). Gaussian tiles are
+[BLOCK/4, 4] (one Philox call, four Box-Muller normals per row), Rademacher tiles
+[BLOCK/128, 128] (one call, 128 sign bits per row). Arithmetic is float32; stores round to
+nearest even in the parameter's dtype. One launch per dtype group covers all its tensors
+(tensor_table.py), and the scalars are read on the device: no host sync.
+
+Philox is written out here rather than taken from tl.randint4x so that the 64-bit key and
+counter split is the contract's on every Triton version (it matches 3.7's randint4x).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .tensor_table import VECTOR_BYTES, table_for
+
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+BLOCK = 4096  # elements per program; a multiple of 128
+NUM_WARPS = 8
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, k0, k1):
+    """Philox4x32-10 words for counters (c0, c1, 0, 0) and key (k0, k1), all uint32."""
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, PHILOX_M0)
+        lo0 = c0 * PHILOX_M0
+        hi1 = tl.umulhi(c2, PHILOX_M1)
+        lo1 = c2 * PHILOX_M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + PHILOX_W0  # the bump after the last round is dead code
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox_rows(k0, k1, j0, ROWS: tl.constexpr):
+    """Words of counters j0 .. j0 + ROWS - 1 (j0 int64), as [ROWS, 1] columns."""
+    j = j0 + tl.arange(0, ROWS)[:, None].to(tl.int64)
+    return _philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), k0, k1)
+
+
+@triton.jit
+def _uniform(w):
+    """((w >> 9) + 0.5) * 2^-23: in (0, 1), exact in float32."""
+    return ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _box_muller(wr, wt, LIBDEVICE: tl.constexpr):
+    ur = _uniform(wr)
+    ut = _uniform(wt)
+    # Precise functions only (NOISE.md). libdevice's cospi/sinpi(2u) are the CUDA backend's
+    # sincospif; the interpreter has no libdevice and takes numpy's float32 log/cos/sin.
+    if LIBDEVICE:
+        r = tl.sqrt_rn(-2.0 * libdevice.log(ur))
+        c = libdevice.cospi(2.0 * ut)
+        s = libdevice.sinpi(2.0 * ut)
+    else:
+        r = tl.sqrt_rn(-2.0 * tl.log(ur))
+        c = tl.cos(6.283185307179586 * ut)
+        s = tl.sin(6.283185307179586 * ut)
+    return r * c, r * s
+
+
+@triton.jit
+def _gaussian_tile(k0, k1, g0, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 4 == 0) as a [BLOCK/4, 4] tile."""
+    w0, w1, w2, w3 = _philox_rows(k0, k1, g0 >> 2, BLOCK // 4)
+    z0, z1 = _box_muller(w0, w1, LIBDEVICE)
+    z2, z3 = _box_muller(w2, w3, LIBDEVICE)
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane < 2, tl.where(lane == 0, z0, z1), tl.where(lane == 2, z2, z3))
+
+
+@triton.jit
+def _rademacher_tile(k0, k1, g0, BLOCK: tl.constexpr):
+    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 128 == 0) as a [BLOCK/128, 128] tile:
+    bit b of a row is bit (b & 31) of word b >> 5."""
+    w0, w1, w2, w3 = _philox_rows(k0, k1, g0 >> 7, BLOCK // 128)
+    b = tl.arange(0, 128)[None, :]
+    word = tl.where(b < 64, tl.where(b < 32, w0, w1), tl.where(b < 96, w2, w3))
+    bit = (word >> (b & 31).to(tl.uint32)) & 1
+    return bit.to(tl.float32) * 2.0 - 1.0
+
+
+@triton.jit
+def _round_to(y, dtype: tl.constexpr):
+    """float32 -> dtype, round to nearest even. bfloat16 by hand: the interpreter truncates."""
+    if dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = tl.where(is_nan, (bits >> 16) | 0x40, rounded)  # keep NaNs quiet
+        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(dtype)
+
+
+@triton.jit
+def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
+                       RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+                       VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows)."""
+    pid = tl.program_id(0)
+    row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
+    ptr_origin = tl.load(row)
+    lo = tl.load(row + 1)
+    hi = tl.load(row + 2)
+    g_origin = tl.load(row + 3)
+    slot0 = (pid - tl.load(row + 4)) * BLOCK  # int64: the tile's first slot
+    g0 = g_origin + slot0
+
+    if RADEMACHER:
+        WIDTH: tl.constexpr = 128
+    else:
+        WIDTH: tl.constexpr = 4
+    idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    start = ptr_origin + slot0
+    if ALIGNED:
+        start = tl.multiple_of(start, VEC)
+    ptrs = base_ptr + start + idx
+    slot = slot0 + idx
+    mask = (slot >= lo) & (slot < hi)
+    interior = (slot0 >= lo) & (slot0 + BLOCK <= hi)  # no mask: vector loads and stores
+    if interior:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+
+    # Loaded first so that the noise is computed in the load's layout (each thread makes
+    # the z of its own elements once); the sum then runs alpha*x + c_1 z_1 + c_2 z_2 ...
+    y = tl.load(scales_ptr) * x.to(tl.float32)
+    for i in range(n_seeds):
+        seed = tl.load(seeds_ptr + i)  # uint64 stored as int64
+        k0 = seed.to(tl.uint32)
+        k1 = (seed >> 32).to(tl.uint32)
+        c = tl.load(scales_ptr + 1 + i)
+        if RADEMACHER:
+            y += c * _rademacher_tile(k0, k1, g0, BLOCK)
+        else:
+            y += c * _gaussian_tile(k0, k1, g0, BLOCK, LIBDEVICE)
+
+    out = _round_to(y, base_ptr.dtype.element_ty)
+    if interior:
+        tl.store(ptrs, out)
+    else:
+        tl.store(ptrs, out, mask=mask)
+
+
+# The interpreter (TRITON_INTERPRET=1 before triton's import) makes plain Python of the
+# kernel; it cannot call libdevice and runs on CPU tensors.
+INTERPRETED = not isinstance(noise_axpby_kernel, triton.runtime.JITFunction)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def as_int64(seed: int) -> int:
+    """A uint64 seed as the int64 with the same bits (the kernel splits the bits)."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _seeds_on(seeds: Sequence[int], device: torch.device) -> torch.Tensor:
+    # At least one entry: the kernel takes a valid pointer even when it reads none.
+    host = torch.tensor([as_int64(s) for s in seeds] or [0], dtype=torch.int64,
+                        pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)  # pinned: an async copy, no host sync
+
+
+def noise_axpby_(params: Sequence[torch.Tensor], offsets: Sequence[int], seeds: Sequence[int],
+                 scales: torch.Tensor, distribution: str) -> None:
+    """In place over contiguous float32/float16/bfloat16 tensors on one device: one launch per
+    dtype. ``scales`` is float32 [1 + len(seeds)] on that device."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for p, o in zip(params, offsets):
+        if p.numel():
+            ps, os_ = groups.setdefault(p.dtype, ([], []))
+            ps.append(p)
+            os_.append(o)
+    if not groups:
+        return
+    device = params[0].device
+    seeds_dev = _seeds_on(seeds, device)
+    scales = scales.to(device=device, dtype=torch.float32).contiguous()
+    for dtype, (ps, os_) in groups.items():
+        _launch(ps, os_, seeds_dev, len(seeds), scales, distribution == "rademacher")
+
+
+def _launch(params: list[torch.Tensor], offsets: list[int], seeds: torch.Tensor, n_seeds: int,
+            scales: torch.Tensor, rademacher: bool) -> None:
+    table = table_for(params, offsets, BLOCK)
+    device = params[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        noise_axpby_kernel[(table.n_blocks,)](
+            params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
+            RADEMACHER=rademacher, LIBDEVICE=not INTERPRETED, ALIGNED=table.aligned,
+            VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+
