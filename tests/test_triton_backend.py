@@ -1,0 +1,248 @@
+"""The Triton backend against the noise reference (zo_opt.noise), element by element.
+
+Here the kernels run under TRITON_INTERPRET=1 (conftest.py) on small CPU tensors; the `gpu`
+tests repeat the checks at full size on CUDA (run them with TRITON_INTERPRET=0 -m gpu).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zo_opt import functional, noise
+from zo_opt.backends import BACKENDS, resolve
+from zo_kernels import noise_axpby as kernels
+
+pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RAGGED = (0, 1, 3, 127, 128, 129, 257, 1000)
+SEEDS = (0, 1, 2**32 + 7, 2**64 - 1)
+GAUSSIAN_TOL = 2e-5  # NOISE.md: |z - z_ref| <= 2e-5
+
+
+def device_for_kernels():
+    return torch.device("cpu" if kernels.INTERPRETED else "cuda")
+
+
+def triton_pass(params, seeds, scales, distribution, **kw):
+    functional.noise_axpby_(params, seeds, scales, distribution=distribution, backend="triton", **kw)
+
+
+def reference_pass(params, seeds, scales, distribution, **kw):
+    """The torch reference backend on float32 copies: the float32 result before rounding."""
+    copies = [p.detach().to(torch.float32) for p in params]
+    functional.noise_axpby_(copies, seeds, scales, distribution=distribution, backend="torch", **kw)
+    return copies
+
+
+def assert_matches_reference(out, ref32, scales, distribution):
+    """Rademacher (with dyadic scales): exactly torch's rounding of the float32 result.
+    Gaussian: the float32 results within the contract's tolerance, plus one unit of the
+    stored dtype's rounding."""
+    noise_bound = GAUSSIAN_TOL * sum(abs(float(c)) for c in scales[1:])
+    for k, (o, r) in enumerate(zip(out, ref32)):
+        if distribution == "rademacher":
+            assert torch.equal(o.cpu(), r.to(o.dtype).cpu()), f"tensor {k} ({o.dtype})"
+        else:
+            r = r.to(o.device)
+            ulp = torch.finfo(o.dtype).eps * r.abs()
+            err = (o.to(torch.float32) - r).abs()
+            assert (err <= noise_bound + ulp + 1e-30).all(), f"tensor {k}: max err {err.max()}"
+
+
+def random_params(sizes, dtypes, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen).to(device=device, dtype=dt)
+            for n, dt in zip(sizes, dtypes)]
+
+
+def check_against_reference(sizes, dtypes, seeds, scales, distribution, device, **kw):
+    params = random_params(sizes, dtypes, device)
+    ref32 = reference_pass(params, seeds, scales, distribution, **kw)
+    triton_pass(params, seeds, scales, distribution, **kw)
+    assert_matches_reference(params, ref32, scales, distribution)
+
+
+# --- selection -----------------------------------------------------------------------------
+
+def test_available_under_the_interpreter():
+    backend = BACKENDS["triton"]
+    assert backend.unavailable_reason() is None
+    for dt in DTYPES:
+        assert backend.supports(torch.zeros(1, dtype=dt))
+    assert not backend.supports(torch.zeros(1, dtype=torch.float64))
+    assert resolve("auto", torch.zeros(1)).name == "cpu"  # auto keeps the C++ loops on CPU
+
+
+# --- the noise itself ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_known_answers(kat, distribution):
+    """Each KAT index as the single element of a tensor placed there (odd offsets included)."""
+    offsets = kat["indices"]
+    for case in kat["cases"]:
+        params = [torch.zeros(1, device=device_for_kernels()) for _ in offsets]
+        triton_pass(params, [int(case["seed"])], [1.0, 1.0], distribution, offsets=offsets)
+        got = torch.cat(params).double().cpu()
+        want = torch.tensor(case[distribution], dtype=torch.float64)
+        if distribution == "rademacher":
+            assert torch.equal(got, want), case["seed"]
+        else:
+            assert (got - want).abs().max() <= GAUSSIAN_TOL, case["seed"]
+
+
+def test_offsets_example(kat):
+    ex = kat["offsets_example"]
+    assert noise.offsets(ex["numels"]) == ex["offsets"]
+    params = [torch.zeros(n, device=device_for_kernels()) for n in ex["numels"]]
+    triton_pass(params, [5], [0.0, 1.0], "rademacher")
+    for p, ref in zip(params, noise.direction(ex["numels"], 5, "rademacher")):
+        assert torch.equal(p.cpu(), ref)
+
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ragged_sizes_and_seeds(distribution, seed):
+    check_against_reference(RAGGED, [torch.float32] * len(RAGGED), [seed], [0.5, 0.375],
+                            distribution, device_for_kernels())
+
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("base_offset", [2**34 - 300, 2**39 - 1000 + 77])
+def test_counters_above_2_32(distribution, base_offset):
+    """Gaussian counters pass 2^32 at index 2^34, Rademacher ones at 2^39: tensors straddle
+    those points (the second base is not a multiple of 128 either)."""
+    sizes = (129, 1000, 3)
+    check_against_reference(sizes, [torch.float32] * 3, [2**40 + 3], [1.0, -0.25], distribution,
+                            device_for_kernels(), base_offset=base_offset)
+
+
+# --- dtypes and rounding -------------------------------------------------------------------
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes(distribution, dtype):
+    check_against_reference(RAGGED, [dtype] * len(RAGGED), [123], [0.5, 0.375], distribution,
+                            device_for_kernels())
+
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_mixed_dtypes_in_one_call(distribution):
+    sizes = (130, 7, 300, 128, 1, 513)
+    dtypes = (torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float16,
+              torch.float32)
+    check_against_reference(sizes, dtypes, [99], [1.0, 0.125], distribution, device_for_kernels())
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_store_rounds_like_torch(dtype):
+    """The half-precision store equals torch's round-to-nearest-even of the kernel's own
+    float32 result (the same pass on a float32 twin), on random values, exact ties, and
+    infinities and NaN."""
+    device = device_for_kernels()
+    ulp = torch.finfo(dtype).eps
+    k = torch.arange(1, 121, dtype=torch.float32)
+    ties = 1.0 + k * ulp  # + or - ulp/2 is exactly halfway; odd k must round to even
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-40])
+    x = torch.cat([torch.randn(700, generator=torch.Generator().manual_seed(1)), ties, special])
+    half = x.to(dtype).to(device)
+    for scales, distribution in (([1.0, ulp / 2], "rademacher"), ([0.9, 0.3, -1e-3], "gaussian")):
+        twin = half.to(torch.float32)
+        seeds = list(range(len(scales) - 1))
+        triton_pass([half, twin], seeds, scales, distribution, offsets=[0, 0])
+        torch.testing.assert_close(half.cpu(), twin.to(dtype).cpu(), rtol=0, atol=0,
+                                   equal_nan=True)
+
+
+def test_bf16_ties_round_to_even_not_truncate():
+    ulp = torch.finfo(torch.bfloat16).eps
+    x = torch.full((128,), 1.0 + ulp, dtype=torch.bfloat16, device=device_for_kernels())
+    triton_pass([x], [0], [1.0, ulp / 2], "rademacher")  # 1 + ulp +- ulp/2: two ties
+    z = noise.direction([128], 0, "rademacher")[0]
+    want = torch.where(z > 0, 1.0 + 2 * ulp, 1.0)  # both to the even neighbour
+    assert torch.equal(x.float().cpu(), want)
+
+
+# --- the optimizer's passes ----------------------------------------------------------------
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_zo_update_many_seeds(distribution):
+    """The fused update / federated replay: many seeds (one above 2^63) in one pass."""
+    device = device_for_kernels()
+    sizes = (300, 129, 5)
+    seeds = [0, 1, 2**33 + 1, 2**63 + 5, 2**64 - 1, 77]
+    coeffs = [0.5, -0.25, 0.125, 1.0, -2.0, 0.0625]
+    params = random_params(sizes, [torch.float32] * 3, device)
+    ref32 = reference_pass(params, seeds, [1.0, *coeffs], distribution)
+    functional.zo_update_(params, seeds, torch.tensor(coeffs, device=device),
+                          distribution=distribution, backend="triton")
+    assert_matches_reference(params, ref32, [1.0, *coeffs], distribution)
+
+
+def test_perturb_then_restore_is_exact():
+    """+eps z then -eps z with Rademacher, a dyadic eps and values on a 2^-10 grid restores
+    float32 bit for bit; the second call reuses the cached tensor table."""
+    gen = torch.Generator().manual_seed(3)
+    params = [(torch.randint(-2**12, 2**12, (n,), generator=gen) * 2.0**-10).to(device_for_kernels())
+              for n in (300, 1, 4096 + 3)]
+    before = [p.clone() for p in params]
+    functional.perturb_(params, 2**50 + 1, 2**-4, distribution="rademacher", backend="triton")
+    assert not torch.equal(params[0], before[0])
+    functional.perturb_(params, 2**50 + 1, -2**-4, distribution="rademacher", backend="triton")
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+# --- compilation ---------------------------------------------------------------------------
+
+def test_every_kernel_compiles_for_sm90():
+    """triton.compile for a CUDA sm_90 target, no GPU needed; in a subprocess because the
+    interpreter replaces the compiler in this one. No approximate math may appear, and aligned
+    tensors must get 8- or 16-byte vector loads and stores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "zo_kernels.compile_check", "90"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(reports) == 12
+    for r in reports:
+        assert r["cubin_bytes"] > 0 and r["approx"] == [], r
+        if r["aligned"]:
+            assert {"ld.global.v2.b32", "ld.global.v4.b32"} & set(r["loads"]), r
+            assert {"st.global.v2.b32", "st.global.v4.b32"} & set(r["stores"]), r
+
+
+# --- full size on a GPU --------------------------------------------------------------------
+
+needs_compiled = pytest.mark.skipif(kernels.INTERPRETED,
+                                    reason="the interpreter is on: run with TRITON_INTERPRET=0")
+GPU_SIZES = (1, 127, 129, 768, 3 * 768 * 768 + 5, 1 << 22)
+
+
+@pytest.mark.gpu
+@needs_compiled
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_full_size(distribution, dtype):
+    check_against_reference(GPU_SIZES, [dtype] * len(GPU_SIZES), [2**64 - 1], [0.5, 0.375],
+                            distribution, torch.device("cuda"), base_offset=2**34 - 4096)
+
+
+@pytest.mark.gpu
+@needs_compiled
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_gpu_mixed_dtypes_many_seeds(distribution):
+    dtypes = [DTYPES[k % 3] for k in range(len(GPU_SIZES))]
+    seeds = [0, 1, 2**32 + 7, 2**64 - 1]
+    check_against_reference(GPU_SIZES, dtypes, seeds, [1.0, 0.5, -0.25, 0.125, 1.0],
+                            distribution, torch.device("cuda"), base_offset=2**39 - 128)
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_known_answers(kat):
+    for distribution in noise.DISTRIBUTIONS:
+        test_known_answers(kat, distribution)
