@@ -49,6 +49,13 @@ union Vec16 {
   typename D::Bits e[kN];
 };
 
+// Explicitly global accesses: the tensor table hands the kernel generic pointers, and plain
+// dereferences of those compile to generic loads/stores instead of LDG/STG.
+template <typename T>
+__device__ __forceinline__ T load_global(const T* p) { return __ldca(p); }
+template <typename T>
+__device__ __forceinline__ void store_global(T* p, T v) { __stwb(p, v); }
+
 __device__ __forceinline__ uint32_t pick(const Words4& w, int i) {
   return i == 0 ? w.w0 : i == 1 ? w.w1 : i == 2 ? w.w2 : w.w3;
 }
@@ -73,12 +80,12 @@ __device__ __forceinline__ void tile_pass(const TensorEntry& t, int64_t tile_sta
     const int64_t i0 = block_start + (v * kLanesPerBlock + lane) * kVec;
     if (t.aligned && i0 + kVec <= t.numel) {
       V vec;
-      vec.raw = *reinterpret_cast<const uint4*>(p + i0);
+      vec.raw = load_global(reinterpret_cast<const uint4*>(p + i0));
 #pragma unroll
       for (int e = 0; e < kVec; ++e) x[v][e] = D::load(vec.e[e]);
     } else {  // a tensor's ragged end, or a view that is not 16-byte aligned
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) x[v][e] = i0 + e < t.numel ? D::load(p[i0 + e]) : 0.0f;
+      for (int e = 0; e < kVec; ++e) x[v][e] = i0 + e < t.numel ? D::load(load_global(p + i0 + e)) : 0.0f;
     }
   }
 
@@ -125,17 +132,23 @@ __device__ __forceinline__ void tile_pass(const TensorEntry& t, int64_t tile_sta
       V vec;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) vec.e[e] = D::store(__fadd_rn(__fmul_rn(alpha, x[v][e]), acc[v][e]));
-      *reinterpret_cast<uint4*>(p + i0) = vec.raw;
+      store_global(reinterpret_cast<uint4*>(p + i0), vec.raw);
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e)
-        if (i0 + e < t.numel) p[i0 + e] = D::store(__fadd_rn(__fmul_rn(alpha, x[v][e]), acc[v][e]));
+        if (i0 + e < t.numel)
+          store_global(p + i0 + e, D::store(__fadd_rn(__fmul_rn(alpha, x[v][e]), acc[v][e])));
     }
   }
 }
 
+// Register caps: the most resident blocks per SM that compile without spills on sm_90
+// (Box-Muller holds more live values than the sign bits).
 template <int kDist>
-__global__ void __launch_bounds__(kThreads)
+constexpr int kMinBlocksPerSM = kDist == kGaussian ? 3 : 4;
+
+template <int kDist>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<kDist>)
     noise_axpby_kernel(const void* table, int64_t n_tensors, int64_t n_seeds, int64_t n_tiles,
                        const float* scales) {
   const TableLayout layout = table_layout(n_tensors, n_seeds);

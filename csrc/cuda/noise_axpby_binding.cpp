@@ -15,14 +15,9 @@
 namespace {
 
 int32_t table_dtype(at::ScalarType t, size_t k) {
-  switch (t) {
-    case at::kFloat: return zo::cuda::kFloat32;
-    case at::kHalf: return zo::cuda::kFloat16;
-    case at::kBFloat16: return zo::cuda::kBFloat16;
-    default:
-      TORCH_CHECK(false, "noise_axpby_: tensor ", k, " has dtype ", t,
-                  "; the cuda backend takes float32, float16 and bfloat16");
-  }
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "noise_axpby_: tensor ", k,
+              " has dtype ", t, "; the cuda backend takes float32, float16 and bfloat16");
+  return t == at::kFloat ? zo::cuda::kFloat32 : t == at::kHalf ? zo::cuda::kFloat16 : zo::cuda::kBFloat16;
 }
 
 void noise_axpby_cuda(at::TensorList params, at::IntArrayRef offsets, at::IntArrayRef seeds,
