@@ -19,6 +19,12 @@ def kat():
     return json.loads(KAT_PATH.read_text())
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same torch RNG state: failures reproduce."""
+    torch.manual_seed(0)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,7 +8,9 @@ from zo_opt import backends, noise
 from zo_opt.functional import noise_axpby_, perturb_, zo_update_
 
 FAST = [b for b in ("cpu",) if b in zo_opt.available_backends()]
-ALL = zo_opt.available_backends()  # triton under the interpreter: small sizes only
+# The backends that take CPU tensors here (triton under its interpreter: small sizes only);
+# the GPU backends have their own tests on CUDA tensors.
+ALL = [b for b in zo_opt.available_backends() if backends.BACKENDS[b].supports(torch.zeros(1))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SEEDS = [0, 1, 2**32 + 17, 2**64 - 1]
 SHAPES = [(0,), (1,), (3,), (127,), (128,), (129,), (5, 7), (2, 3, 50)]
@@ -28,14 +30,12 @@ def reference(values, numels, seeds, coeffs, distribution, base_offset=0, alpha=
 
 
 def assert_matches(got, want, distribution):
+    """z within the contract (Gaussian 2e-5, Rademacher exact), plus one rounding of the
+    arithmetic in the parameter dtype (backends may fuse multiply-adds or reorder them)."""
     for g, w in zip(got, want):
-        if distribution == "rademacher" or g.dtype != torch.float32:
-            # exact, or within one rounding step of the parameter dtype when the float32
-            # results differ by float32 rounding of log/sin/cos
-            tol = 0.0 if distribution == "rademacher" else torch.finfo(g.dtype).eps * (1 + w.float().abs())
-            assert ((g.float() - w.float()).abs() <= tol).all(), (g, w)
-        else:
-            torch.testing.assert_close(g, w, rtol=0, atol=ATOL[distribution])
+        rounding = torch.finfo(g.dtype).eps * w.float().abs()
+        tol = ATOL[distribution] * (1 + w.float().abs()) + rounding
+        assert ((g.float() - w.float()).abs() <= tol).all(), (g, w)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -102,12 +102,14 @@ def test_large_tensor_matches_reference(backend, distribution):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_perturb_then_minus_restores_within_one_ulp(backend, dtype):
+    """Within one ulp of the perturbed value: the rounding of the +scale pass."""
     params = [torch.randn(1000).to(dtype), torch.randn(77).to(dtype)]
     before = [p.clone() for p in params]
     perturb_(params, 3, 1e-3, backend=backend)
+    middle = [p.clone() for p in params]
     perturb_(params, 3, -1e-3, backend=backend)
-    for p, b in zip(params, before):
-        ulp = torch.finfo(dtype).eps * b.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    for p, b, m in zip(params, before, middle):
+        ulp = torch.finfo(dtype).eps * torch.maximum(b.float().abs(), m.float().abs())
         assert ((p.float() - b.float()).abs() <= ulp).all()
 
 
