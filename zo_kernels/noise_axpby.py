@@ -51,8 +51,8 @@ def _philox4x32_10(c0, c1, k0, k1):
 
 @triton.jit
 def _philox_rows(k0, k1, j0, ROWS: tl.constexpr):
-    """Words of counters j0 .. j0 + ROWS - 1 (j0 int64), as [ROWS, 1] columns."""
-    j = j0 + tl.arange(0, ROWS)[:, None].to(tl.int64)
+    """Words of counters j0 .. j0 + ROWS - 1 (j0 int64), as [ROWS] vectors."""
+    j = j0 + tl.arange(0, ROWS).to(tl.int64)
     return _philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), k0, k1)
 
 
@@ -86,7 +86,8 @@ def _gaussian_tile(k0, k1, g0, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
     z0, z1 = _box_muller(w0, w1, LIBDEVICE)
     z2, z3 = _box_muller(w2, w3, LIBDEVICE)
     lane = tl.arange(0, 4)[None, :]
-    return tl.where(lane < 2, tl.where(lane == 0, z0, z1), tl.where(lane == 2, z2, z3))
+    return tl.where(lane < 2, tl.where(lane == 0, z0[:, None], z1[:, None]),
+                    tl.where(lane == 2, z2[:, None], z3[:, None]))
 
 
 @triton.jit
@@ -95,7 +96,8 @@ def _rademacher_tile(k0, k1, g0, BLOCK: tl.constexpr):
     bit b of a row is bit (b & 31) of word b >> 5."""
     w0, w1, w2, w3 = _philox_rows(k0, k1, g0 >> 7, BLOCK // 128)
     b = tl.arange(0, 128)[None, :]
-    word = tl.where(b < 64, tl.where(b < 32, w0, w1), tl.where(b < 96, w2, w3))
+    word = tl.where(b < 64, tl.where(b < 32, w0[:, None], w1[:, None]),
+                    tl.where(b < 96, w2[:, None], w3[:, None]))
     bit = (word >> (b & 31).to(tl.uint32)) & 1
     return bit.to(tl.float32) * 2.0 - 1.0
 
@@ -140,24 +142,27 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     mask = (slot >= lo) & (slot < hi)
     interior = (slot0 >= lo) & (slot0 + BLOCK <= hi)  # no mask: vector loads and stores
     if interior:
-        x = tl.load(ptrs)
+        x = tl.load(ptrs).to(tl.float32)
     else:
-        x = tl.load(ptrs, mask=mask, other=0.0)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    # Loaded first so that the noise is computed in the load's layout (each thread makes
-    # the z of its own elements once); the sum then runs alpha*x + c_1 z_1 + c_2 z_2 ...
-    y = tl.load(scales_ptr) * x.to(tl.float32)
+    # y = alpha * x + (sum_i c_i z_i): the reference's order of float32 roundings. The sum
+    # starts from a zero made out of x (its sign bit) only so that it takes the load's layout,
+    # where each thread makes the noise of its own elements once; from a plain tl.zeros it
+    # gets a layout that spreads a row over threads that each redo the row's Philox.
+    # (+-0 + s == s exactly for s != 0; only the sign of an all-zero result can differ.)
+    acc = (x.to(tl.uint32, bitcast=True) & 0x80000000).to(tl.float32, bitcast=True)
     for i in range(n_seeds):
         seed = tl.load(seeds_ptr + i)  # uint64 stored as int64
         k0 = seed.to(tl.uint32)
         k1 = (seed >> 32).to(tl.uint32)
         c = tl.load(scales_ptr + 1 + i)
         if RADEMACHER:
-            y += c * _rademacher_tile(k0, k1, g0, BLOCK)
+            acc += c * _rademacher_tile(k0, k1, g0, BLOCK)
         else:
-            y += c * _gaussian_tile(k0, k1, g0, BLOCK, LIBDEVICE)
+            acc += c * _gaussian_tile(k0, k1, g0, BLOCK, LIBDEVICE)
+    out = _round_to(tl.load(scales_ptr) * x + acc, base_ptr.dtype.element_ty)
 
-    out = _round_to(y, base_ptr.dtype.element_ty)
     if interior:
         tl.store(ptrs, out)
     else:
