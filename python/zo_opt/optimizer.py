@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from . import backends, noise
 from .functional import check_params, noise_axpby_
@@ -58,15 +59,50 @@ def _takes_index(closure: Callable) -> bool:
 
 
 def _as_loss(value) -> torch.Tensor:
+    """The loss as a float64 scalar: L+ - L- cancels most digits, so the difference of two
+    float32 losses is taken exactly rather than rounded again."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"the closure returned a tensor of shape {tuple(value.shape)}; "
                              "it must return the scalar loss")
-        return value.detach().reshape(()).to(torch.float32)
+        return value.detach().reshape(()).to(torch.float64)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=torch.float32)
+        return torch.tensor(float(value), dtype=torch.float64)
     raise TypeError(f"the closure returned {type(value).__name__}; it must return the loss "
                     "(a scalar tensor or a float)")
+
+
+def _resolve_group(group):
+    if group is False:
+        return None
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _comm_device(group) -> torch.device:
+    """NCCL moves CUDA tensors only; gloo takes CPU tensors."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_seed(seed: int, group) -> int:
+    as_signed = seed - (1 << 64) if seed >= 1 << 63 else seed
+    t = torch.tensor([as_signed], dtype=torch.int64, device=_comm_device(group))
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return int(t.item()) & noise.MASK64
+
+
+def _mean_over_ranks(grads: torch.Tensor, losses: torch.Tensor, group):
+    """One all-reduce of the q projected gradients and the losses: the only traffic of a
+    data-parallel step (a non-finite value on any rank makes every rank skip)."""
+    flat = torch.cat([grads, losses]).to(_comm_device(group))
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat = (flat / dist.get_world_size(group)).to(grads.device)
+    return flat[:grads.numel()], flat[grads.numel():]
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -100,6 +136,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
         nonfinite: what a non-finite loss does: ``"skip"`` restores the parameters and skips
             the update with a warning; ``"raise"`` restores them and raises FloatingPointError.
+        process_group: data parallel over torch.distributed. ``None`` uses the default group
+            when one is initialised (``False`` never does). Every rank evaluates the same
+            directions on its own shard of the batch; per step the ranks all-reduce only the
+            q projected gradients and the losses (O(q) floats), and apply identical updates.
+            The base seed is broadcast from rank 0 at construction.
 
     ``step(closure)``: the closure runs under ``torch.no_grad()``, returns the loss, and may
     take one argument, the query index i in ``range(q)`` (both evaluations of direction i get
@@ -112,7 +153,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, *, q: int = 1, eps: float = 1e-3,
                  distribution: str = "gaussian", estimator: str = "central",
                  weight_decay: float = 0.0, momentum: float = 0.0, seed: int | None = None,
-                 backend: str = "auto", nonfinite: str = "skip"):
+                 backend: str = "auto", nonfinite: str = "skip", process_group=None):
         self.q = _positive_int("q", q)
         if not eps > 0:
             raise ValueError(f"Invalid eps: {eps!r}; it must be > 0")
@@ -126,6 +167,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.backend = backends.check_name(backend)
         self.nonfinite = nonfinite
         self.base_seed = secrets.randbits(64) if seed is None else noise.check_seed(seed)
+        self.process_group = _resolve_group(process_group)
+        if self.process_group is not None:
+            self.base_seed = _broadcast_seed(self.base_seed, self.process_group)
         self.step_count = 0
         self.last_record: StepRecord | None = None
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
@@ -242,10 +286,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._shift(params, offsets, self._displacement, None)
             raise
+        if self.process_group is not None:
+            grads, losses = _mean_over_ranks(grads, losses, self.process_group)
         ok = torch.isfinite(losses).all()
         self._update(params, offsets, seeds, grads / self.q, ok)
         self.last_record = StepRecord(
-            step=self.step_count, seeds=seeds, grads=grads, lr=self.param_groups[0]["lr"],
+            step=self.step_count, seeds=seeds, grads=grads.float(), lr=self.param_groups[0]["lr"],
             eps=self.eps, weight_decay=self.param_groups[0]["weight_decay"],
             distribution=self.distribution, estimator=self.estimator,
             group_lrs=tuple(g["lr"] for g in self.param_groups),
@@ -257,7 +303,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if self.nonfinite == "raise":
                 raise FloatingPointError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)  # the caller of step()
-        return losses.mean()
+        return losses.mean().float()
 
     # -- state ------------------------------------------------------------------------------
 
