@@ -49,9 +49,11 @@ def cuda_sources(root: Path) -> list[Path]:
     return sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
 
 
-def _digest(paths: list[Path]) -> str:
-    h = hashlib.sha256(torch.__version__.encode())
-    for p in sorted(paths) + sorted(p.parent.parent / "zo_noise.h" for p in paths[:1]):
+def _digest(root: Path, kind: str) -> str:
+    """Cache key: torch's version, the flags and every source and header under csrc/."""
+    h = hashlib.sha256(f"{torch.__version__} {kind} {CPU_FLAGS} {CUDA_FLAGS}".encode())
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -62,10 +64,9 @@ def _build_on_first_use() -> None:
     root = source_root()
     sources = cpu_sources(root)
     cuda = cuda_sources(root)
-    headers = [p for p in (root / "cuda").iterdir() if p.suffix in (".h", ".cuh")] if cuda else []
     kind = "cuda" if cuda else "cpu"
     cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "zo_opt"))
-    build_dir = cache / f"{kind}-{_digest(sources + cuda + headers)}"
+    build_dir = cache / f"{kind}-{_digest(root, kind)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print(f"zo_opt: compiling the C++ {kind.upper()} kernels into {build_dir} (once, minutes)",
