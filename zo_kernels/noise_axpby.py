@@ -203,7 +203,7 @@ def noise_axpby_(params: Sequence[torch.Tensor], offsets: Sequence[int], seeds: 
     device = params[0].device
     seeds_dev = _seeds_on(seeds, device)
     scales = scales.to(device=device, dtype=torch.float32).contiguous()
-    for dtype, (ps, os_) in groups.items():
+    for ps, os_ in groups.values():
         _launch(ps, os_, seeds_dev, len(seeds), scales, distribution == "rademacher")
 
 
