@@ -1,14 +1,15 @@
-"""Test setup: Triton runs on the CPU through its interpreter, which must be chosen before
-triton is first imported, so this file sets it before anything else."""
+"""Test setup. Without a GPU, Triton runs on the CPU through its interpreter, which must be
+chosen before triton is first imported (importing torch does not import it); on a GPU
+machine the kernels run compiled unless TRITON_INTERPRET says otherwise."""
+import json
 import os
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 KAT_PATH = Path(__file__).parent / "data" / "noise_kat.json"
 

@@ -1,7 +1,7 @@
 """The Triton backend against the noise reference (zo_opt.noise), element by element.
 
-Here the kernels run under TRITON_INTERPRET=1 (conftest.py) on small CPU tensors; the `gpu`
-tests repeat the checks at full size on CUDA (run them with TRITON_INTERPRET=0 -m gpu).
+Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest.py) on small CPU tensors;
+on a GPU they run compiled, and the `gpu` tests repeat the checks at full size.
 """
 import json
 import os
@@ -218,7 +218,7 @@ def test_every_kernel_compiles_for_sm90():
 # --- full size on a GPU --------------------------------------------------------------------
 
 needs_compiled = pytest.mark.skipif(kernels.INTERPRETED,
-                                    reason="the interpreter is on: run with TRITON_INTERPRET=0")
+                                    reason="the interpreter is on: unset TRITON_INTERPRET")
 GPU_SIZES = (1, 127, 129, 768, 3 * 768 * 768 + 5, 1 << 22)
 
 
