@@ -219,6 +219,19 @@ def test_nonfinite_loss_skips_with_warning_and_restores(bad):
     assert opt.step_count == 1  # the next step draws fresh directions
 
 
+def test_nonfinite_skip_silent_restores_without_warning():
+    p = torch.randn(300)
+    before = p.clone()
+    opt = ZOOptimizer([p], q=2, seed=0, nonfinite="skip_silent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: float("inf"))
+    torch.testing.assert_close(p, before, rtol=0, atol=1e-6)
+    assert not opt.last_record.finite
+    opt.step(lambda: (p**2).sum())
+    assert opt.last_record.finite and not torch.equal(p, before)
+
+
 def test_nonfinite_raise_restores_then_raises():
     p = torch.randn(300)
     before = p.clone()

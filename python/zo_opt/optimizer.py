@@ -14,7 +14,7 @@ from . import backends, noise
 from .functional import check_params, noise_axpby_
 
 ESTIMATORS = ("central", "forward")
-NONFINITE = ("skip", "raise")
+NONFINITE = ("skip", "raise", "skip_silent")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class StepRecord:
     estimator: str
     group_lrs: tuple[float, ...]
     group_weight_decays: tuple[float, ...]
+    finite: torch.Tensor  # 0-d bool: False when the update was skipped (non-finite loss)
 
     @property
     def q(self) -> int:
@@ -135,7 +136,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             Direction seeds are ``noise.direction_seed(seed, step, i)``.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
         nonfinite: what a non-finite loss does: ``"skip"`` restores the parameters and skips
-            the update with a warning; ``"raise"`` restores them and raises FloatingPointError.
+            the update with a warning; ``"raise"`` restores them and raises FloatingPointError;
+            ``"skip_silent"`` skips on the device with no warning and no host sync
+            (``last_record.finite`` tells), so that a GPU step never waits for the GPU.
         process_group: data parallel over torch.distributed. ``None`` uses the default group
             when one is initialised (``False`` never does). Every rank evaluates the same
             directions on its own shard of the batch; per step the ranks all-reduce only the
@@ -146,7 +149,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     take one argument, the query index i in ``range(q)`` (both evaluations of direction i get
     the same i, so each direction can use its own mini-batch). Returns the mean of the
     evaluated losses. An exception in the closure restores the parameters before it
-    propagates. One host sync per step (the non-finite check), none per direction.
+    propagates. No host sync per direction; one per step for the non-finite check, none
+    with ``nonfinite="skip_silent"``.
     ``last_record`` holds the :class:`StepRecord` of the last step.
     """
 
@@ -295,9 +299,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             eps=self.eps, weight_decay=self.param_groups[0]["weight_decay"],
             distribution=self.distribution, estimator=self.estimator,
             group_lrs=tuple(g["lr"] for g in self.param_groups),
-            group_weight_decays=tuple(g["weight_decay"] for g in self.param_groups))
+            group_weight_decays=tuple(g["weight_decay"] for g in self.param_groups), finite=ok)
         self.step_count += 1
-        if not bool(ok):
+        if self.nonfinite != "skip_silent" and not bool(ok):
             message = (f"ZOOptimizer step {self.step_count - 1}: non-finite loss "
                        f"({losses.tolist()}); parameters restored, update skipped")
             if self.nonfinite == "raise":
