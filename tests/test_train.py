@@ -106,6 +106,8 @@ def test_boolean_flags_turn_on_and_off():
     (["--eps", "nan"], "--eps"), (["--mode", "XO"], "--mode"), (["--batch_size", "two"], "--batch_size"),
     (["--instruct_cosine", "1.5"], "--instruct_cosine"), (["--model_name_or_path", "/no/such"], "--model_name_or_path"),
     (["--estimator", "forward", "--no-zo_share_data_across_queries"], "--estimator"),
+    (["--mode", "Instruct", "--weight_decay", "0.1"], "--weight_decay"), (["--optimizer", "adam", "--momentum", "0.9"], "--momentum"),
+    (["--device", "tpu"], "--device"), (["--bp_dataset", "x", "--split_dataset_for_bp_zo"], "--split_dataset_for_bp_zo"),
 ])
 def test_bad_flags_one_line_error(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

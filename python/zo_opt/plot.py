@@ -4,7 +4,7 @@
     loss_vs_forward_passes.png  against model forwards (the cost unit of ZO)
     loss_vs_time.png            against training wall time
     final_loss_vs_q.png         last eval (else training) loss against q, one line per
-                                mode/scope/batch size (only when the runs span several q)
+                                mode/scope/batch size (only when runs of one mode/scope/batch size span several q)
 
 Each run is labelled by its folder name. Needs matplotlib (the ``train`` extra); renders
 with the Agg backend, no display needed.
@@ -77,7 +77,7 @@ def plot_runs(run_dirs, out_dir, smooth: int = 1) -> list[Path]:
         final = evals[-1] if evals else (losses[-1] if losses else None)
         if final is not None and last.get("q"):
             by_group[(last["mode"], last["scope"], last["batch_size"])].append((int(last["q"]), final))
-    if len({q for pts in by_group.values() for q, _ in pts}) > 1:
+    if any(len({q for q, _ in pts}) > 1 for pts in by_group.values()):  # a sweep
         fig, ax = plt.subplots(figsize=(6, 4))
         for (mode, scope, bs), pts in sorted(by_group.items()):
             pts.sort()

@@ -180,11 +180,18 @@ def check(parser, args):
     if args.model_name_or_path and not Path(args.model_name_or_path).is_dir():
         parser.error(f"argument --model_name_or_path: no such folder: {args.model_name_or_path} "
                      "(only local checkpoints; the hub is not used)")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        parser.error(f"argument --device: expected auto, cpu or cuda[:N], got {args.device!r}")
     if args.backend not in ("auto", "torch", "cpu", "triton", "cuda"):
         parser.error(f"argument --backend: invalid choice {args.backend!r} (auto, torch, cpu, triton, cuda)")
     if args.estimator == "forward" and not args.zo_share_data_across_queries:
         parser.error("argument --estimator: forward differences need --zo_share_data_across_queries "
                      "(one unperturbed loss for all queries)")
+    if args.mode == "Instruct" and args.optimizer == "sgd" and (args.weight_decay or args.momentum):
+        parser.error(f"argument --{'weight_decay' if args.weight_decay else 'momentum'}: Instruct's normalised "
+                     "sgd update has none; use --optimizer adam or mudamw")
+    if args.momentum and args.optimizer != "sgd":
+        parser.error("argument --momentum: only for --optimizer sgd (adam and mudamw keep their own moments)")
     if args.estimator == "forward" and args.mode == "Instruct":
         parser.error("argument --estimator: Instruct uses central differences only")
 

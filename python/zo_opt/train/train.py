@@ -172,13 +172,14 @@ def train(args) -> Path:
                  seed=cfg["seed"], backend=cfg["backend"])
     torch_opt = zo = instruct = None
     if mode == "FO" or not fused or mode == "Calibrate":
-        torch_opt = make_torch_optimizer(cfg["optimizer"], groups, bp_lr if mode == "Calibrate" else lr,
-                                         cfg["momentum"])
+        opt_lr = bp_lr if mode == "Calibrate" else lr
         if cfg["optimizer"] == "mudamw":  # embeddings (2-D, tied to the head) take plain Adam steps
             emb = {id(model.get_input_embeddings().weight), id(model.transformer.wpe.weight)}
             torch_opt = MuDAMW([{"params": [p for p in g["params"] if id(p) not in emb], "weight_decay": g["weight_decay"]}
                                 for g in groups] + [{"params": [p for p in params if id(p) in emb],
-                                                     "weight_decay": 0.0, "orthogonalize": False}], lr=lr)
+                                                     "weight_decay": 0.0, "orthogonalize": False}], lr=opt_lr)
+        else:
+            torch_opt = make_torch_optimizer(cfg["optimizer"], groups, opt_lr, cfg["momentum"])
     if mode in ("ZO", "Calibrate"):
         if fused:  # the fused update: decay and step inside the optimizer's last pass
             zo = ZOOptimizer(groups, lr=lr, momentum=cfg["momentum"], **zo_kw)
