@@ -1,0 +1,1 @@
+"""zo-opt benchmarks: baselines, workloads and pytest-benchmark suites (not part of the package)."""

@@ -1,0 +1,247 @@
+"""GPU benchmark driver (run by run.sh): one markdown table of passes and steps.
+
+Passes over the GPT-2 124M and 1.07B parameter sets (float32 and bfloat16; Gaussian and
+Rademacher) for each zo-opt GPU backend, against a device-to-device copy of the same bytes,
+the MeZO-style loop and the old repo's loop; then central-difference steps (q=1, q=16) of a
+GPT-2 124M forward (batch 8 x 128 tokens): time per step, share outside the forwards, peak
+extra memory. The implementations are those of benchmarks/workloads.py (the CPU suites' code).
+
+    python benchmarks/gpu/driver.py --out DIR              # on a GPU machine
+    python benchmarks/gpu/driver.py --device cpu --dry-run  # tiny sizes: checks the logic
+
+Timing: CUDA events around each call after warm-up calls, median of the repetitions. Every
+row stops being measured once ``--budget-s`` is spent (the table says which were skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+import zo_opt  # noqa: E402
+from benchmarks import workloads  # noqa: E402
+from benchmarks.gpt2 import GPT2, batch  # noqa: E402
+from benchmarks.shapes import SIZES, GPT2Size, make_params  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TINY = GPT2Size("tiny", 64, 2, 2, 64, vocab=512)  # --dry-run
+
+
+def versions(device: str) -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "zo_opt": zo_opt.__version__,
+            "date": dt.date.today().isoformat(), "device": device}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "none"
+    if torch.device(device).type == "cuda":
+        info["card"] = torch.cuda.get_device_name()
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            info["driver"] = out.stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            info["driver"] = "unknown"
+    else:
+        info["card"], info["driver"] = "cpu", "none"
+    return info
+
+
+def file_stem(info: dict) -> str:
+    def slug(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", str(s)).strip("-").lower()
+
+    return (f"gpu-{slug(info['card'])}-driver{slug(info['driver'])}-torch{slug(info['torch'])}"
+            f"-triton{slug(info['triton'])}-{info['date']}")
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> bool:
+        return time.monotonic() < self.end
+
+
+def free(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# -- passes -----------------------------------------------------------------------------------
+
+def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    label = size if isinstance(size, str) else size.name
+    params = make_params(size, dtype, device)
+    nbytes = 2 * workloads.param_bytes(params)
+    todo = [("copy", "gaussian")]
+    for dist in ("gaussian", "rademacher"):
+        todo += [(impl, dist) for impl in workloads.pass_impls(device, dist) if impl != "copy"]
+    rows, seconds = [], {}
+    for impl, dist in todo:
+        row = dict(kind="pass", workload=f"pass {label}", dtype=dtype_name, distribution=dist, impl=impl)
+        reason = workloads.dtype_skip_reason(impl, dtype)
+        if reason is None and impl == "zo-opt[torch]":
+            reason = "reference backend, not a fast path"
+        if reason is None and not budget.left():
+            reason = "time budget spent"
+        if reason:
+            rows.append(dict(row, skipped=reason))
+            continue
+        fn = workloads.make_pass(impl, params, dist)
+        t = workloads.median(workloads.time_fn(fn, device, warmup=3, reps=reps))
+        del fn
+        free(device)
+        seconds[(impl, dist)] = t
+        rows.append(dict(row, seconds=t, gbps=nbytes / t / 1e9))
+    copy, mezo = seconds.get(("copy", "gaussian")), seconds.get(("mezo-loop", "gaussian"))
+    for r in rows:
+        if "seconds" in r:
+            r["pct_copy"] = copy / r["seconds"] if copy else None
+            r["speedup"] = mezo / r["seconds"] if mezo and r["impl"] != "copy" else None
+    del params
+    free(device)
+    return rows
+
+
+# -- steps ------------------------------------------------------------------------------------
+
+def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget: Budget) -> list[dict]:
+    label = size if isinstance(size, str) else size.name
+    model = GPT2(size, torch.float32, device)
+    x, y = batch(size, batch_size, seq, device)
+    params = list(model.parameters())
+    snapshot = [p.detach().clone() for p in params]
+    rows = []
+    for impl in workloads.step_impls(device):
+        row = dict(kind="step", workload=f"step q={q}, GPT-2 {label} fwd {batch_size}x{seq}",
+                   dtype="float32", distribution="gaussian", impl=impl, q=q)
+        if not budget.left():
+            rows.append(dict(row, skipped="time budget spent"))
+            continue
+        stepper = workloads.make_stepper(impl, params, q)
+        forwards = workloads.Clock(device)
+        closure = workloads.forward_closure(model, x, y, forwards)
+        workloads.timed_step(stepper, closure, forwards, device)  # warm-up
+        runs = [workloads.timed_step(stepper, closure, forwards, device) for _ in range(reps)]
+        step_s = workloads.median([s for s, _ in runs])
+        fwd_s = workloads.median([f for _, f in runs])
+        probe = workloads.probe_closure(params)
+        peak = workloads.peak_extra_bytes(lambda: lambda: stepper.step(probe), device)
+        rows.append(dict(row, seconds=step_s, forward_s=fwd_s, outside_s=step_s - fwd_s,
+                         outside_share=1 - fwd_s / step_s,
+                         peak_extra_share=peak / workloads.param_bytes(params)))
+        with torch.no_grad():
+            for p, p0 in zip(params, snapshot):
+                p.data = p0.clone()
+        del stepper, closure
+        free(device)
+    mezo = next((r for r in rows if r["impl"] == "mezo-loop" and "seconds" in r), None)
+    for r in rows:
+        if "seconds" in r and mezo and r["impl"] != "mezo-loop":
+            r["speedup"] = mezo["seconds"] / r["seconds"]
+            r["outside_speedup"] = mezo["outside_s"] / max(r["outside_s"], 1e-12)
+    del model, params, snapshot
+    free(device)
+    return rows
+
+
+# -- the table --------------------------------------------------------------------------------
+
+def table(rows: list[dict], info: dict) -> str:
+    head = [f"# zo-opt on {info['card']} (driver {info['driver']}), torch {info['torch']} "
+            f"(CUDA {info['cuda']}), triton {info['triton']}, {info['date']}", "",
+            "Passes: `theta += eps * z` in place over the parameter set; GB/s counts one read "
+            "and one write of every parameter byte; % of copy compares with a device-to-device "
+            "copy of the same bytes; speed-up is against the MeZO-style loop (Gaussian, "
+            "torch.normal per tensor) on the same parameters. Steps: central differences, q "
+            "directions = 2q forwards; time per step (median), share of it outside the "
+            "forwards (timed with CUDA events inside the closure), speed-up of the step and of "
+            "its outside part against the MeZO-style loop, peak memory above the parameters "
+            "of a step whose loss reads one element.", "",
+            "| workload | dtype | directions | implementation | time | GB/s | % of copy | speed-up vs MeZO-style | outside forwards | peak extra memory |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = []
+    for r in rows:
+        start = f"| {r['workload']} | {r['dtype']} | {r['distribution']} | {r['impl']} |"
+        if "skipped" in r:
+            lines.append(f"{start} skipped: {r['skipped']} | | | | | |")
+            continue
+        t = r["seconds"]
+        time_s = f"{1e3 * t:.2f} ms" if t < 1 else f"{t:.3f} s"
+        if r["kind"] == "pass":
+            pct = f"{100 * r['pct_copy']:.0f}%" if r.get("pct_copy") else "-"
+            up = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
+            lines.append(f"{start} {time_s} | {r['gbps']:.1f} | {pct} | {up} | | |")
+        else:
+            up = (f"{r['speedup']:.2f}x (outside: {r['outside_speedup']:.1f}x)"
+                  if r.get("speedup") else "-")
+            lines.append(f"{start} {time_s} | | | {up} | {100 * r['outside_share']:.1f}% "
+                         f"({1e3 * r['outside_s']:.1f} ms) | {100 * r['peak_extra_share']:.3g}% |")
+    return "\n".join(head + lines) + "\n"
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes, few repetitions")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    ap.add_argument("--sizes", default="124M,1.07B")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--qs", default="1,16")
+    ap.add_argument("--step-size", default="124M")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=20, help="repetitions per pass")
+    ap.add_argument("--step-reps", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device visible; use --device cpu --dry-run to check the logic")
+    sizes = [TINY] if args.dry_run else [SIZES[s] for s in args.sizes.split(",")]
+    step_size = TINY if args.dry_run else SIZES[args.step_size]
+    qs = [1, 2] if args.dry_run else [int(q) for q in args.qs.split(",")]
+    batch_size, seq = (2, 16) if args.dry_run else (args.batch, args.seq)
+    reps, step_reps = (2, 1) if args.dry_run else (args.reps, args.step_reps)
+    budget = Budget(args.budget_s)
+    info = versions(args.device)
+    print(f"[driver] {info}; backends: {workloads.zo_backends(args.device)}", flush=True)
+
+    rows = []
+    for size in sizes:
+        for dtype in args.dtypes.split(","):
+            t0 = time.monotonic()
+            rows += pass_rows(size, dtype, args.device, reps, budget)
+            print(f"[driver] passes {size.name} {dtype}: {time.monotonic() - t0:.1f} s", flush=True)
+    for q in qs:
+        t0 = time.monotonic()
+        rows += step_rows(step_size, q, batch_size, seq, args.device, step_reps, budget)
+        print(f"[driver] steps q={q}: {time.monotonic() - t0:.1f} s", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(info) + ("-dry-run" if args.dry_run else "")
+    md = out / f"{stem}.md"
+    md.write_text(table(rows, info))
+    (out / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    print(md.read_text())
+    print(f"[driver] wrote {md}")
+    return md
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# zo-opt on one NVIDIA GPU, no network: install from this checkout, run the GPU tests, time
+# the passes and steps, write one markdown table. Under 8 minutes: each phase has a timeout.
+#
+#   benchmarks/gpu/run.sh [OUT_DIR]      # default: $OUT if set, else benchmarks/results
+#
+# Expects python3 with a CUDA torch, triton, pytest and pytest-benchmark already installed
+# (PYTHON=... to pick another interpreter). Leaves the card's settings alone.
+set -u
+cd "$(dirname "$0")/../.."
+OUT_DIR=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+T0=$SECONDS
+say() { echo "[run.sh +$((SECONDS - T0))s] $*"; }
+
+say "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
+  | tee "$OUT_DIR/nvidia-smi.csv"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, torch.cuda.get_device_name())"
+
+say "install (builds the C++/CUDA kernels for this card)"
+MAX_JOBS=${MAX_JOBS:-16} timeout 180 $PY -m pip install --no-build-isolation --no-deps \
+  --no-cache-dir -q . >"$OUT_DIR/install.log" 2>&1
+rc=$?; tail -5 "$OUT_DIR/install.log"; say "install exit $rc"
+$PY -c "import zo_opt; print('backends', zo_opt.available_backends(), zo_opt.unavailable_backends())"
+
+say "pytest -m gpu tests"
+timeout 120 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider >"$OUT_DIR/pytest-gpu.log" 2>&1
+rc=$?; tail -15 "$OUT_DIR/pytest-gpu.log"; say "pytest exit $rc"
+
+say "benchmarks"
+timeout 170 $PY benchmarks/gpu/driver.py --out "$OUT_DIR" --budget-s 140
+rc=$?; say "driver exit $rc; files in $OUT_DIR:"; ls -l "$OUT_DIR"
+exit $rc

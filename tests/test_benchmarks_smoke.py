@@ -1,0 +1,219 @@
+"""Smoke tests of benchmarks/: the baselines compute the update they claim, the GPT-2 shapes
+count right, the memory probe sees what it should, report.py writes a table and a PNG, and
+the GPU driver's CPU dry run works. Small sizes only: the suite itself is `make bench`."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import baselines, report, workloads  # noqa: E402
+from benchmarks.gpt2 import GPT2, batch  # noqa: E402
+from benchmarks.shapes import SIZES, GPT2Size, make_params, param_count, param_shapes  # noqa: E402
+from zo_opt import ZOOptimizer, noise  # noqa: E402
+
+TINY = GPT2Size("tiny", 32, 2, 2, 16, vocab=97)
+
+
+# -- shapes -----------------------------------------------------------------------------------
+
+def test_gpt2_parameter_counts():
+    assert param_count("20M") == 17_735_936  # 17.6M without the 512 x 256 position table
+    assert param_count("124M") == 124_439_808  # GPT-2 small, head tied to the embedding
+    assert param_count("1.07B") == 1_065_758_400
+    assert len(param_shapes("124M")) == 2 + 12 * 12 + 2
+
+
+@pytest.mark.parametrize("size", ["20M", "124M"])
+def test_shapes_match_transformers_gpt2(size):
+    transformers = pytest.importorskip("transformers")
+    c = SIZES[size]
+    config = transformers.GPT2Config(vocab_size=c.vocab, n_positions=c.n_ctx, n_embd=c.n_embd,
+                                     n_layer=c.n_layer, n_head=c.n_head)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == param_shapes(size)
+
+
+def test_gpt2_forward_has_the_shapes_and_a_chance_level_loss():
+    model = GPT2(TINY)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters_hf()] == param_shapes(TINY)
+    x, y = batch(TINY, 2, 8)
+    with torch.no_grad():
+        assert model(x).shape == (2, 8, TINY.vocab)
+        loss = model(x, y)
+    assert abs(loss.item() - math.log(TINY.vocab)) < 0.5  # small init: near-uniform logits
+
+
+# -- baselines --------------------------------------------------------------------------------
+
+def zo_reference_draw(params, seed):
+    """zo_opt's reference z (NOISE.md) per tensor, rounded to float32 as every backend has it:
+    lets the loops use zo-opt's directions, so that their updates can be compared."""
+    for p, o in zip(params, noise.offsets([p.numel() for p in params])):
+        idx = torch.arange(p.numel(), dtype=torch.int64) + o
+        yield noise.noise_at(idx, seed, "gaussian").to(torch.float32).to(p.dtype).view_as(p)
+
+
+def quadratic(params, targets):
+    return lambda: sum(((p - t) ** 2).sum() for p, t in zip(params, targets))
+
+
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("loop", ["mezo-loop", "old-loop"])
+def test_baseline_step_equals_zo_optimizer_with_the_same_directions(loop, q):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (13,), (3, 2, 4)]
+    theta = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    targets = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    base_seed, lr, eps = 77, 0.05, 1e-3
+    ours = [t.clone() for t in theta]
+    ZOOptimizer(ours, lr=lr, q=q, eps=eps, seed=base_seed, backend="torch").step(quadratic(ours, targets))
+    theirs = [t.clone() for t in theta]
+    cls = baselines.MezoLoop if loop == "mezo-loop" else baselines.OldLoop
+    stepper = cls(theirs, lr, q=q, eps=eps, draw=zo_reference_draw)
+    stepper.step(quadratic(theirs, targets), seeds=[noise.direction_seed(base_seed, 0, i) for i in range(q)])
+    ours_step = torch.cat([(a - t).reshape(-1) for a, t in zip(ours, theta)])
+    their_step = torch.cat([(b - t).reshape(-1) for b, t in zip(theirs, theta)])
+    assert ours_step.norm() > 0.1
+    # zo-opt sums its scaled directions in float32 (NOISE.md), the loops in float64
+    assert (ours_step - their_step).norm() / ours_step.norm() < 1e-5
+
+
+def test_mezo_pass_adds_eps_times_its_own_torch_normal_z():
+    params = make_params(TINY, torch.float32)
+    before = [p.clone() for p in params]
+    baselines.mezo_perturb_(params, seed=5, scale=1e-2)
+    zs = list(baselines.torch_normal(params, 5))
+    for p, p0, z in zip(params, before, zs):
+        assert p.shape == z.shape and p.dtype == z.dtype
+        torch.testing.assert_close(p, p0 + 1e-2 * z)
+    assert 0.9 < torch.cat([z.reshape(-1) for z in zs]).std().item() < 1.1
+    baselines.mezo_perturb_(params, seed=5, scale=-1e-2)  # the restore of MeZO's step
+    for p, p0 in zip(params, before):
+        torch.testing.assert_close(p, p0, rtol=0, atol=1e-6)
+
+
+def test_mezo_step_moves_along_minus_lr_g_z():
+    p = [torch.randn(50, dtype=torch.float64)]
+    t = [torch.zeros(50, dtype=torch.float64)]
+    p0 = p[0].clone()
+    loop = baselines.MezoLoop(p, lr=0.1, q=1, eps=1e-4, draw=lambda ps, s: baselines.torch_normal(ps, s))
+    seed = loop.seeds()[0]
+    loop.step(quadratic(p, t))
+    z = next(baselines.torch_normal(p, seed))
+    g = (2 * p0 * z).sum()  # the directional derivative of |p|^2 along z
+    torch.testing.assert_close(p[0], p0 - 0.1 * g * z, rtol=1e-6, atol=1e-8)
+
+
+# -- workloads --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["copy", "zo-opt[cpu]", "mezo-loop", "old-loop"])
+def test_every_cpu_pass_runs_and_moves_the_parameters(impl):
+    params = make_params(TINY, torch.float32)
+    before = [p.clone() for p in params]
+    workloads.make_pass(impl, params)()
+    moved = any(not torch.equal(p, p0) for p, p0 in zip(params, before))
+    assert moved == (impl != "copy")
+
+
+def test_triton_is_not_benchmarked_on_the_cpu():
+    assert "triton" not in workloads.zo_backends("cpu")
+    assert workloads.backend_skip_reason("triton", "cpu")
+
+
+def test_memory_probe_sees_temporaries_and_zo_step_allocates_nothing_parameter_sized():
+    n = 1 << 20
+    assert workloads.peak_extra_bytes(lambda: lambda: torch.ones(n).mul(2).sum(), "cpu") >= 8 * n
+
+    def step(impl, holder):
+        def make():
+            params = holder["p"] = make_params(TINY, torch.float32)
+            stepper = workloads.make_stepper(impl, params, 2)
+            closure = workloads.probe_closure(params)
+            stepper.step(closure)
+            return lambda: stepper.step(closure)
+        return make
+
+    shares = {}
+    for impl in ("zo-opt[cpu]", "old-loop"):
+        holder = {}
+        peak = workloads.peak_extra_bytes(step(impl, holder), "cpu")
+        shares[impl] = peak / workloads.param_bytes(holder["p"])
+    assert shares["zo-opt[cpu]"] < 0.05  # a few scalars over a tiny model
+    assert shares["old-loop"] > 2.0  # clone + accumulator + temporaries
+
+
+# -- report.py --------------------------------------------------------------------------------
+
+def fake_benchmark_json() -> dict:
+    def bench(group, median, **info):
+        return {"group": group, "name": f"test[{info.get('impl')}]", "extra_info": info,
+                "stats": {"median": median, "min": median, "rounds": 1}}
+
+    pb = 2 * 70_943_744
+    return {
+        "machine_info": {"python_version": "3.11.7", "zo_opt": {
+            "cpu_model": "AMD EPYC 7B13 64-Core Processor", "cores": 2, "torch": "2.13.0+cpu",
+            "torch_threads": 2, "cuda_device": None, "backends": ["cpu"], "zo_opt": "0.1.0",
+            "skipped_backends": {"cuda": "torch has no CUDA"}}},
+        "datetime": "2026-11-27T21:00:00.000000+00:00",
+        "benchmarks": [
+            bench("pass 20M float32", 0.030, impl="copy", distribution="gaussian", size="20M", dtype="float32", bytes=pb),
+            bench("pass 20M float32", 0.050, impl="zo-opt[cpu]", distribution="gaussian", size="20M", dtype="float32", bytes=pb),
+            bench("pass 20M float32", 0.010, impl="zo-opt[cpu]", distribution="rademacher", size="20M", dtype="float32", bytes=pb),
+            bench("pass 20M float32", 0.400, impl="mezo-loop", distribution="gaussian", size="20M", dtype="float32", bytes=pb),
+            bench("step q=4 (GPT-2 20M)", 8.4, impl="zo-opt[cpu]", q=4, forward_s_per_step=8.0,
+                  outside_s_per_step=0.4, outside_share=0.4 / 8.4),
+            bench("step q=4 (GPT-2 20M)", 12.0, impl="mezo-loop", q=4, forward_s_per_step=8.0,
+                  outside_s_per_step=4.0, outside_share=4 / 12),
+            bench("peak memory", 1.0, impl="zo-opt[cpu]", peak_extra_bytes=141, peak_extra_share=2e-6),
+            bench("peak memory", 1.0, impl="old-loop", peak_extra_bytes=2.4e8, peak_extra_share=3.4),
+        ],
+    }
+
+
+def test_report_writes_a_named_table_and_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(fake_benchmark_json()))
+    md, png = report.main([str(src), "--out-dir", str(tmp_path / "results")])
+    assert md.name == "cpu-2core-epyc-7b13-2026-11-27.md" and png.suffix == ".png"
+    text = md.read_text()
+    assert "AMD EPYC 7B13" in text and "torch 2.13.0+cpu" in text
+    assert "| 20M | float32 | zo-opt[cpu] | 50.0 | 2.84 | 60% | 8.0x |" in text
+    assert "**8.0x** (target >= 4x: met)" in text
+    assert "**4.8%** of the step outside the forwards (target < 10%: met)" in text
+    assert "old loop: **340%**" in text
+    head = png.read_bytes()[:8]
+    assert head == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_report_rejects_other_json(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="pytest-benchmark"):
+        report.load(bad)
+
+
+# -- the GPU driver ---------------------------------------------------------------------------
+
+def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
+    from benchmarks.gpu import driver
+
+    md = driver.main(["--device", "cpu", "--dry-run", "--out", str(tmp_path)])
+    assert md.name.startswith("gpu-cpu-drivernone-torch") and md.name.endswith("-dry-run.md")
+    text = md.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    impls = {line.split(" | ")[3] for line in table[1:]}
+    assert {"copy", "zo-opt[cpu]", "mezo-loop", "old-loop"} <= impls
+    assert sum("step q=" in line for line in table) == 2 * 3  # q=1,2 x zo-opt[cpu], two loops
+    assert "rademacher" in text and "bfloat16" in text
+    rows = json.loads(md.with_suffix(".json").read_text())["rows"]
+    assert all("seconds" in r or "skipped" in r for r in rows)
