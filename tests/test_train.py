@@ -94,6 +94,13 @@ def test_old_command_runs(base):
     assert rows(run)[-1]["forward_passes"] == "128"
 
 
+def test_a_new_run_with_the_same_name_starts_a_fresh_csv(base):
+    for _ in range(2):
+        run = main(base + ["--max_steps", "1", "--eval_interval", "0", "--no-plot", "--disable_checkpoint"])
+    assert [r["step"] for r in rows(run)] == ["1"]
+    assert json.loads((run / "config.json").read_text())["query_budget_q"] == 1
+
+
 def test_boolean_flags_turn_on_and_off():
     assert cli.parse_args([]).zo_share_data_across_queries is True
     assert cli.parse_args(["--no-zo_share_data_across_queries"]).zo_share_data_across_queries is False

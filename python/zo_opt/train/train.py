@@ -15,8 +15,17 @@ final eval, checkpoint and plot. Each step of the loop is one of:
              not computed on those steps)
 
 The logged loss is the one the step computed (ZO: the mean of its 2q evaluations); no
-forward pass is spent on logging. The CSV's forward_passes counts model forwards on a batch
-(a backward is not counted; an FO step is 1).
+forward pass is spent on logging.
+
+Run folder (``--log_dir/--run_name``): metrics.csv, train.log, config.json (resolved flags),
+summary.json, checkpoints/, PNG plots. CSV columns: the old ones (timestamp, epoch, step, mode,
+scope, q, lr, batch_size, optimizer, bp_interval, loss, grad_norm, eval_loss) and
+forward_passes (cumulative model forwards on a training batch; a backward is not counted, an
+FO step is 1), tokens (cumulative tokens of the training batches drawn), elapsed_s (training
+wall time, evals and checkpoints excluded), peak_memory_bytes (CUDA max allocated, else the
+process's peak RSS). Row 0 holds the evaluation before training. grad_norm: the BP gradient
+norm on FO steps; on ZO steps the RMS of the projected gradients g_i, an estimate of |grad|
+(E[(grad . z)^2] = |grad|^2 for Gaussian z).
 """
 from __future__ import annotations
 
@@ -211,7 +220,7 @@ def train(args) -> Path:
         truncate_csv(csv_path, start)
         log(f"resumed from {resume} at step {start}")
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=1))
-    if not csv_path.exists() or csv_path.stat().st_size == 0:
+    if not resume or not csv_path.exists() or csv_path.stat().st_size == 0:  # a fresh run starts a fresh CSV
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS).writeheader()
@@ -370,4 +379,5 @@ def train(args) -> Path:
         for path in plot_runs([run_dir], run_dir):
             log(f"plot: {path}")
     log(f"run folder: {run_dir}")
+    log.file.close()
     return run_dir
