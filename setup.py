@@ -67,7 +67,7 @@ def extensions():
 ext_modules, ext_cmds = extensions()
 setup(
     package_dir={"zo_opt": "python/zo_opt", "zo_kernels": "zo_kernels"},
-    packages=["zo_opt", "zo_opt.backends", "zo_opt.train", "zo_kernels"],
+    packages=["zo_opt", "zo_opt.backends", "zo_opt.train", "zo_opt.fed", "zo_kernels"],
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithSources, **ext_cmds},
     zip_safe=False,
