@@ -95,7 +95,7 @@ def pass_table(passes: list[dict]) -> list[str]:
         for r in sorted(rs, key=lambda r: r["median"]):
             gbs = r["bytes"] / r["median"] / 1e9
             pct = f"{100 * copy['median'] / r['median']:.0f}%" if copy else "-"
-            up = f"{mezo['median'] / r['median']:.1f}x" if mezo and r["impl"] != "copy" else "-"
+            up = _times(mezo["median"] / r["median"]) if mezo and r["impl"] != "copy" else "-"
             lines.append(f"| {size} | {dtype} | {_impl_label(r)} | {1e3 * r['median']:.1f} | "
                          f"{gbs:.3g} | {pct} | {up} |")
     return lines
@@ -157,7 +157,7 @@ def targets(kinds: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def markdown(data: dict, source: str = "") -> str:
+def markdown(data: dict, source: str = "", note: str = "") -> str:
     m = machine(data)
     kinds = rows(data)
     title = m["cuda_device"] or f"{m['cpu_model']}, {m['cores']} cores"
@@ -170,6 +170,8 @@ def markdown(data: dict, source: str = "") -> str:
         lines.append(f"- Not benchmarked: {b} ({why})")
     lines.append("- Command: `python -m pytest benchmarks --benchmark-only --benchmark-json=...`, "
                  f"then `python benchmarks/report.py`{f' ({source})' if source else ''}")
+    if note:
+        lines.append(f"- Note: {note}")
     tg = targets(kinds)
     if tg:
         lines += ["", "## Targets", "", *tg]
@@ -221,11 +223,15 @@ def chart(data: dict, path: Path) -> None:
             labels = [f"q={r['q']} {r['impl']}" for r in rs]
             fwd = [r["forward_s_per_step"] for r in rs]
             out = [r["outside_s_per_step"] for r in rs]
-            ax.barh(labels, fwd, color="#bbbbbb", label="forwards")
-            ax.barh(labels, out, left=fwd, color=[_color(r["impl"]) for r in rs], label="outside forwards")
+            from matplotlib.patches import Patch
+
+            ax.barh(labels, fwd, color="#bbbbbb")
+            ax.barh(labels, out, left=fwd, color=[_color(r["impl"]) for r in rs])
             ax.set_xlabel("seconds per step")
             ax.set_title("One ZO step")
-            ax.legend(loc="lower right")
+            ax.legend(handles=[Patch(color="#bbbbbb", label="forwards"),
+                               Patch(color="#444444", label="outside the forwards")],
+                      loc="lower right")
         else:
             rs = sorted(rs, key=lambda r: r["peak_extra_share"])
             labels = [r["impl"] for r in rs]
@@ -258,6 +264,10 @@ def _size_key(size: str) -> float:
     return n * (1000 if size.upper().endswith("B") else 1)
 
 
+def _times(x: float) -> str:
+    return f"{x:.1f}x" if x >= 0.1 else f"{x:.2g}x"
+
+
 def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -271,13 +281,14 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", help="file stem (default: <machine>-<date>)")
+    ap.add_argument("--note", default="", help="a line about the conditions of the run")
     args = ap.parse_args(argv)
     data = load(args.json)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or report_name(data)
     md, png = out / f"{stem}.md", out / f"{stem}.png"
-    md.write_text(markdown(data, Path(args.json).name))
+    md.write_text(markdown(data, Path(args.json).name, args.note))
     chart(data, png)
     print(md.read_text())
     print(f"wrote {md} and {png}")

@@ -25,6 +25,10 @@ say "install (builds the C++/CUDA kernels for this card)"
 MAX_JOBS=${MAX_JOBS:-16} timeout 180 $PY -m pip install --no-build-isolation --no-deps \
   --no-cache-dir -q . >"$OUT_DIR/install.log" 2>&1
 rc=$?; tail -5 "$OUT_DIR/install.log"; say "install exit $rc"
+if ! $PY -c "import zo_opt" 2>/dev/null; then  # a failed build: run from the sources
+  say "zo_opt not importable after install; using the checkout (kernels built on first use)"
+  export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 $PY -c "import zo_opt; print('backends', zo_opt.available_backends(), zo_opt.unavailable_backends())"
 
 say "pytest -m gpu tests"
