@@ -36,6 +36,6 @@ timeout 120 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider >"$OUT_DIR/pyt
 rc=$?; tail -15 "$OUT_DIR/pytest-gpu.log"; say "pytest exit $rc"
 
 say "benchmarks"
-timeout 170 $PY benchmarks/gpu/driver.py --out "$OUT_DIR" --budget-s 140
+timeout 160 $PY benchmarks/gpu/driver.py --out "$OUT_DIR" --budget-s 130
 rc=$?; say "driver exit $rc; files in $OUT_DIR:"; ls -l "$OUT_DIR"
 exit $rc
