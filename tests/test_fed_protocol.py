@@ -239,9 +239,9 @@ def test_run_config_round_trip_and_app_pyproject():
         run_config(round=3)
     text = pyproject_toml(rounds=2, out_dir='/tmp/a "b"')
     flwr_config = pytest.importorskip("flwr.common.config", reason="flwr not installed (pip install zo-opt[fed])")
-    import tomli
+    import tomllib
 
-    conf = tomli.loads(text)
+    conf = tomllib.loads(text)
     assert conf["tool"]["flwr"]["app"]["config"]["out-dir"] == '/tmp/a "b"'
     ok, errors, _ = flwr_config.validate_config(conf, check_module=True)
     assert ok, errors

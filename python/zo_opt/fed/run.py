@@ -45,8 +45,36 @@ def safe_env(flwr_home: Path, extra: dict | None = None) -> dict:
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_HOME=str(flwr_home),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
+    # The SuperLink and SuperNodes spawn flower-superexec, flwr-serverapp and flwr-clientapp
+    # by name: the interpreter's bin folder (the venv's) comes first on PATH.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(extra or {})
     return env
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes, recursively (Linux /proc): Flower detaches its SuperExec into a new
+    session, so killing our process groups alone could miss it."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 def _bin(name: str) -> str:
@@ -146,6 +174,7 @@ class Loopback:
         return subprocess.CompletedProcess(argv, rc, "".join(lines), "")
 
     def stop(self) -> None:
+        spawned = [(c, _cmdline(c)) for p in self.procs if p.poll() is None for c in _descendants(p.pid)]
         for p in reversed(self.procs):
             if p.poll() is None:
                 try:
@@ -165,6 +194,13 @@ class Loopback:
                 pass
             if p.stdout:
                 p.stdout.close()
+        for pid, cmd in spawned:  # what they started, if it outlived them (by pid, never by name)
+            if _cmdline(pid) != cmd:  # gone, or the pid was reused
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.procs.clear()
 
     def __exit__(self, *exc) -> None:
