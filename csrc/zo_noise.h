@@ -172,4 +172,36 @@ ZO_HD uint16_t float_to_bf16_rne(float f) {
 
 ZO_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
+// cond ? a : b on bits, with no branch for the vectorizer to refuse.
+ZO_HD uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
+  return b ^ ((a ^ b) & (0u - static_cast<uint32_t>(cond)));
+}
+
+// float32 -> float16 bits, round to nearest even, branch-free so that host loops vectorize
+// (F. Giesen's float_to_half_fast3_rtne): overflow to inf, NaN kept quiet, subnormals
+// rounded by a float addition that aligns them to the half's subnormal grid.
+ZO_HD uint16_t float_to_half_rne(float f) {
+  const uint32_t bits = float_to_bits(f);
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t a = bits ^ sign;
+  const uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const float sub = bits_to_float(a) + bits_to_float(126u << 23);  // 0.5: subnormal grid
+  const uint32_t subnormal = float_to_bits(sub) - (126u << 23);
+  const uint32_t normal = (a + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t h = select_bits(a >= 0x47800000u, special, select_bits(a < 0x38800000u, subnormal, normal));
+  return static_cast<uint16_t>(h | (sign >> 16));
+}
+
+// float16 bits -> float32, exact (normals by rebiasing, subnormals by a float subtraction).
+ZO_HD float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t normal = em + (static_cast<uint32_t>(127 - 15) << 23);
+  const uint32_t special = em | 0x7f800000u;
+  const float sub = bits_to_float(em + (113u << 23)) - bits_to_float(113u << 23);  // 2^-14
+  const uint32_t v = select_bits(em >= (0x7c00u << 13), special,
+                                 select_bits(em < (0x0400u << 13), float_to_bits(sub), normal));
+  return bits_to_float(v | sign);
+}
+
 }  // namespace zo

@@ -16,12 +16,15 @@ constexpr int64_t kChunk = 2048;  // elements per work item, a multiple of zo::k
 static_assert(kChunk % zo::kAlign == 0, "chunks must start on a fresh Philox counter");
 
 #if defined(__x86_64__) && !defined(__clang__)
+// One build runs everywhere and still uses the widest vectors the CPU has.
 #define ZO_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define ZO_CLONES
 #endif
+// Helpers inline into the cloned chunk body, so their loops take the clone's ISA.
+#define ZO_INLINE static inline __attribute__((always_inline))
 
-ZO_CLONES void add_gaussian(float* acc, int64_t n, uint64_t g0, uint64_t seed, float coef) {
+ZO_INLINE void add_gaussian(float* acc, int64_t n, uint64_t g0, uint64_t seed, float coef) {
   const int64_t blocks = (n + 3) / 4;
   const uint64_t j0 = g0 >> 2;
 #pragma omp simd
@@ -34,12 +37,12 @@ ZO_CLONES void add_gaussian(float* acc, int64_t n, uint64_t g0, uint64_t seed, f
   }
 }
 
-ZO_CLONES void add_signs(float* acc, uint32_t word, float coef) {
+ZO_INLINE void add_signs(float* acc, uint32_t word, float coef) {
 #pragma omp simd
   for (int b = 0; b < 32; ++b) acc[b] += ((word >> b) & 1u) ? coef : -coef;
 }
 
-void add_rademacher(float* acc, int64_t n, uint64_t g0, uint64_t seed, float coef) {
+ZO_INLINE void add_rademacher(float* acc, int64_t n, uint64_t g0, uint64_t seed, float coef) {
   const int64_t blocks = (n + zo::kAlign - 1) / zo::kAlign;
   for (int64_t b = 0; b < blocks; ++b) {
     const zo::Words4 w = zo::rademacher_words(seed, (g0 >> 7) + b);
@@ -51,19 +54,41 @@ void add_rademacher(float* acc, int64_t n, uint64_t g0, uint64_t seed, float coe
   }
 }
 
-template <typename T>
-float load(T v) { return static_cast<float>(v); }
-template <typename T>
-T store(float v) { return static_cast<T>(v); }
-template <>
-c10::BFloat16 store<c10::BFloat16>(float v) {
-  return c10::BFloat16(zo::float_to_bf16_rne(v), c10::BFloat16::from_bits());
+// y = alpha * x + acc in float32, stored with round-to-nearest-even (the header's
+// branch-free conversions, which vectorize where c10's do not).
+ZO_INLINE void axpby_f32(float* __restrict p, const float* __restrict acc, int64_t n, float alpha) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) p[e] = alpha * p[e] + acc[e];
 }
 
-template <typename T>
-void axpby(T* __restrict p, const float* __restrict acc, int64_t n, float alpha) {
+ZO_INLINE void axpby_bf16(uint16_t* __restrict p, const float* __restrict acc, int64_t n, float alpha) {
 #pragma omp simd
-  for (int64_t e = 0; e < n; ++e) p[e] = store<T>(alpha * load(p[e]) + acc[e]);
+  for (int64_t e = 0; e < n; ++e) p[e] = zo::float_to_bf16_rne(alpha * zo::bf16_to_float(p[e]) + acc[e]);
+}
+
+ZO_INLINE void axpby_f16(uint16_t* __restrict p, const float* __restrict acc, int64_t n, float alpha) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) p[e] = zo::float_to_half_rne(alpha * zo::half_to_float(p[e]) + acc[e]);
+}
+
+// One work item: n <= kChunk elements starting at global index g0 (a multiple of 128).
+ZO_CLONES void process_chunk(void* data, at::ScalarType dtype, int64_t n, uint64_t g0,
+                             const int64_t* seeds, const float* coefs, int64_t n_seeds,
+                             float alpha, bool gaussian) {
+  alignas(64) float acc[kChunk];
+  std::fill(acc, acc + kChunk, 0.0f);
+  for (int64_t i = 0; i < n_seeds; ++i) {
+    const uint64_t seed = static_cast<uint64_t>(seeds[i]);
+    if (gaussian)
+      add_gaussian(acc, n, g0, seed, coefs[i]);
+    else
+      add_rademacher(acc, n, g0, seed, coefs[i]);
+  }
+  switch (dtype) {
+    case at::kFloat: axpby_f32(static_cast<float*>(data), acc, n, alpha); break;
+    case at::kBFloat16: axpby_bf16(static_cast<uint16_t*>(data), acc, n, alpha); break;
+    default: axpby_f16(static_cast<uint16_t*>(data), acc, n, alpha); break;
+  }
 }
 
 struct Chunk {
@@ -101,25 +126,13 @@ void noise_axpby_cpu(at::TensorList params, at::IntArrayRef offsets, at::IntArra
   }
 
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[kChunk];
     for (int64_t c = begin; c < end; ++c) {
       const auto& p = params[chunks[c].tensor];
       const int64_t start = chunks[c].start;
-      const int64_t n = std::min(kChunk, p.numel() - start);
-      const uint64_t g0 = static_cast<uint64_t>(offsets[chunks[c].tensor] + start);
-      std::fill(acc, acc + kChunk, 0.0f);
-      for (size_t i = 0; i < seeds.size(); ++i) {
-        const uint64_t seed = static_cast<uint64_t>(seeds[i]);
-        if (gaussian)
-          add_gaussian(acc, n, g0, seed, s[i + 1]);
-        else
-          add_rademacher(acc, n, g0, seed, s[i + 1]);
-      }
-      switch (p.scalar_type()) {
-        case at::kFloat: axpby(p.data_ptr<float>() + start, acc, n, alpha); break;
-        case at::kHalf: axpby(p.data_ptr<at::Half>() + start, acc, n, alpha); break;
-        default: axpby(p.data_ptr<at::BFloat16>() + start, acc, n, alpha); break;
-      }
+      char* data = static_cast<char*>(p.data_ptr()) + start * p.element_size();
+      process_chunk(data, p.scalar_type(), std::min(kChunk, p.numel() - start),
+                    static_cast<uint64_t>(offsets[chunks[c].tensor] + start), seeds.data(), s + 1,
+                    static_cast<int64_t>(seeds.size()), alpha, gaussian);
     }
   });
 }
