@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch by default; a CUDA torch already in the venv is kept.
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,triton,train
+EXTRAS ?= test,triton,train,fed
 PYTEST_ARGS ?=
 SOURCES := setup.py pyproject.toml $(shell find python csrc zo_kernels -type f \
              -not -name '*.so' -not -path '*__pycache__*' 2>/dev/null)
@@ -27,8 +27,11 @@ test: install
 train: install
 	$(VENV)/bin/python -m zo_opt.demo
 
+# CPU benchmarks (under 10 minutes here); the table and chart land in benchmarks/results/.
 bench: install
-	$(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider --benchmark-json=.benchmarks/latest.json
+	$(PY) benchmarks/report.py .benchmarks/latest.json
 
 clean:
 	rm -rf build *.egg-info python/*.egg-info python/zo_opt/_C*.so
