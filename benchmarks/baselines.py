@@ -57,19 +57,25 @@ def _decays(p: torch.Tensor) -> bool:
     return p.ndim >= 2
 
 
-class MezoLoop:
-    """MeZO's step (central difference, q directions at the same theta)."""
-
-    def __init__(self, params, lr: float, *, q: int = 1, eps: float = 1e-3,
-                 weight_decay: float = 0.0, seed: int = 0, draw: Draw = torch_normal):
+class _SeededLoop:
+    def __init__(self, params, lr: float, q: int, eps: float, seed: int, draw: Draw):
         self.params = list(params)
-        self.lr, self.q, self.eps, self.wd = lr, q, eps, weight_decay
+        self.lr, self.q, self.eps = lr, q, eps
         self.seed, self.draw = seed, draw
         self.step_count = 0
 
     def seeds(self) -> list[int]:
-        """MeZO draws a fresh seed per step; here a deterministic one per (step, direction)."""
+        """A fresh seed per step (as MeZO draws one); here deterministic per (step, direction)."""
         return [self.seed + 1_000_003 * self.step_count + i for i in range(self.q)]
+
+
+class MezoLoop(_SeededLoop):
+    """MeZO's step (central difference, q directions at the same theta)."""
+
+    def __init__(self, params, lr: float, *, q: int = 1, eps: float = 1e-3,
+                 weight_decay: float = 0.0, seed: int = 0, draw: Draw = torch_normal):
+        super().__init__(params, lr, q, eps, seed, draw)
+        self.wd = weight_decay
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor],
@@ -95,18 +101,12 @@ class MezoLoop:
         return torch.stack(losses).mean()
 
 
-class OldLoop:
+class OldLoop(_SeededLoop):
     """The old repo's step: clone, accumulator, three regenerations per direction."""
 
     def __init__(self, params, lr: float, *, q: int = 1, eps: float = 1e-3, seed: int = 0,
                  draw: Draw = torch_randn_like):
-        self.params = list(params)
-        self.lr, self.q, self.eps = lr, q, eps
-        self.seed, self.draw = seed, draw
-        self.step_count = 0
-
-    def seeds(self) -> list[int]:
-        return [self.seed + 1_000_003 * self.step_count + i for i in range(self.q)]
+        super().__init__(params, lr, q, eps, seed, draw)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor],
