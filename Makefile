@@ -24,8 +24,10 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
+# A short ZO run of GPT-2 20M on the offline KJV corpus: runs/make-train/ gets the CSV and plots.
 train: install
-	$(VENV)/bin/python -m zo_opt.demo
+	$(PY) -m zo_opt.train --mode ZO --q 4 --batch_size 2 --learning_rate 1e-4 --max_steps 30 \
+	  --eval_interval 15 --eval_blocks 16 --save_interval 0 --log_dir runs --run_name make-train
 
 # CPU benchmarks (under 10 minutes here); the table and chart land in benchmarks/results/.
 bench: install
