@@ -327,3 +327,44 @@ def test_checkpoint_killed_mid_write_keeps_the_previous(base, tmp_path):
     main(["--resume", str(ckdir), "--max_steps", "2", "--run_name", "r", "--no-progress", "--no-plot"])
     assert ckpt_io.find_checkpoint(ckdir).name == "step_00000002"
     assert not any(p.name.startswith(".tmp-") for p in ckdir.iterdir())
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ZO", "FO"])
+def test_torchrun_two_ranks_match_one_process(base, tmp_path, tiny_model, mode):
+    """Two ranks, each on half of every batch, end where one process on whole batches does."""
+    common = ["--mode", mode, "--q", "2", "--max_steps", "3", "--eval_interval", "0", "--no-plot",
+              "--save_interval", "0"]
+    single = main(base + common + ["--run_name", "single"])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "zo_opt.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launch + base + common + ["--run_name", "ranks"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = tmp_path / "runs" / "ranks"
+    assert "the 2 ranks hold identical parameters" in (ranks / "train.log").read_text()
+    assert [r["step"] for r in rows(ranks)] == ["1", "2", "3"]  # rank 0 alone writes
+    a, b = params_of(single), params_of(ranks)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    from safetensors.torch import load_file
+
+    init = load_file(str(tiny_model / "model.safetensors"))
+    assert any((a[k] - init[k]).abs().max() > 1e-4 for k in a if k in init)  # it trained
+
+
+def test_torchrun_rejects_a_batch_that_does_not_split(base, monkeypatch):
+    from zo_opt.train import parallel
+
+    monkeypatch.setattr(parallel, "setup", lambda device: (parallel.Ranks(0, 3), device))
+    with pytest.raises(SystemExit, match="--batch_size: 2 does not split over 3 ranks"):
+        main(base + ["--mode", "ZO", "--max_steps", "1"])

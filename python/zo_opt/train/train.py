@@ -42,6 +42,7 @@ import torch
 from .. import functional as F
 from ..optimizer import ZOOptimizer
 from . import checkpoint as ckpt_io
+from . import parallel
 from .cli import parse_args, resolved
 from .data import BatchStream, DataError, load_blocks, load_tokenizer
 from .instruct import Instruct
@@ -54,14 +55,17 @@ CSV_COLUMNS = ["timestamp", "epoch", "step", "mode", "scope", "q", "lr", "batch_
 
 
 class Log:
-    """Lines to the console (above the progress bar) and to <run>/train.log."""
+    """Lines to the console (above the progress bar) and to <run>/train.log; silent on the
+    ranks other than 0 of a data-parallel run."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
+    def __init__(self, path: Path, enabled: bool = True):
+        self.file = open(path, "a", encoding="utf-8") if enabled else None
 
     def __call__(self, msg: str):
         from tqdm import tqdm
 
+        if self.file is None:
+            return
         tqdm.write(msg, file=sys.stderr)
         self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
         self.file.flush()
@@ -104,6 +108,18 @@ def evaluate(model, blocks: torch.Tensor, device, batch_size=16) -> float:
     return total / len(blocks)
 
 
+def check_data_parallel(cfg, ranks) -> None:
+    """Flags that a torchrun launch cannot honour stop here, naming the flag."""
+    if ranks.world == 1:
+        return
+    if cfg["mode"] == "Instruct":
+        sys.exit("zo-train: error: --mode Instruct is not data parallel yet; run it in one process")
+    for flag in ("batch_size", "zo_query_batch_size", "bp_batch_size"):
+        if cfg.get(flag) and cfg[flag] % ranks.world:
+            sys.exit(f"zo-train: error: argument --{flag}: {cfg[flag]} does not split over "
+                     f"{ranks.world} ranks; use a multiple of {ranks.world}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -115,6 +131,8 @@ def main(argv=None):
 def train(args) -> Path:
     cfg = resolved(args)
     mode, q = cfg["mode"], cfg["query_budget_q"]
+    ranks, cfg["device"] = parallel.setup(cfg["device"])
+    check_data_parallel(cfg, ranks)
     device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg["device"] == "auto" else cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -126,7 +144,7 @@ def train(args) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     csv_path = Path(cfg["csv_file"]) if cfg["csv_file"] else run_dir / "metrics.csv"
     ckpt_dir = Path(cfg["checkpoint_dir"]) if cfg["checkpoint_dir"] else run_dir / "checkpoints"
-    log = Log(run_dir / "train.log")
+    log = Log(run_dir / "train.log", enabled=ranks.main)
     log(f"zo-train {' '.join(sys.argv[1:])}")
 
     # ---- data: train blocks, held-out validation blocks, BP/ZO streams
@@ -217,15 +235,21 @@ def train(args) -> Path:
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
-        truncate_csv(csv_path, start)
+        if ranks.main:
+            truncate_csv(csv_path, start)
         log(f"resumed from {resume} at step {start}")
-    (run_dir / "config.json").write_text(json.dumps(cfg, indent=1))
-    if not resume or not csv_path.exists() or csv_path.stat().st_size == 0:  # a fresh run starts a fresh CSV
+    if ranks.world > 1:
+        log(f"data parallel: {ranks.world} ranks, each evaluates its 1/{ranks.world} of every batch")
+    if ranks.main:
+        (run_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    if ranks.main and (not resume or not csv_path.exists() or csv_path.stat().st_size == 0):  # fresh run, fresh CSV
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS).writeheader()
 
     def write_row(step, loss, grad_norm, eval_loss):
+        if not ranks.main:
+            return
         row = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": f"{step * per_step / n_main:.4f}",
                "step": step, "mode": mode, "scope": cfg["scope"], "q": q, "lr": lr, "batch_size": cfg["batch_size"],
                "optimizer": cfg["optimizer"], "bp_interval": cfg["bp_interval"],
@@ -237,6 +261,8 @@ def train(args) -> Path:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS).writerow(row)
 
     def save(step):
+        if not ranks.main:
+            return
         state = {"step": step, "counters": dict(counters), "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "zo": zo.state_dict() if zo else None, "torch_opt": torch_opt.state_dict() if torch_opt else None,
@@ -261,13 +287,14 @@ def train(args) -> Path:
             loss = forward_loss(x)
             loss.backward()
         model.eval()
+        ranks.average_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-        return loss.detach(), norm
+        return ranks.mean(loss), norm
 
     def zo_batches(step):
         if share:
-            return [zo_stream.batch(step).to(device)]
-        return [zo_stream.batch(step * q + i).to(device) for i in range(q)]
+            return [ranks.shard(zo_stream.batch(step)).to(device)]
+        return [ranks.shard(zo_stream.batch(step * q + i)).to(device) for i in range(q)]
 
     def closure_over(batches):
         def closure(i=0):
@@ -280,13 +307,13 @@ def train(args) -> Path:
         return closure
 
     # ---- the loop
-    if start == 0 and cfg["eval_interval"] and len(val_blocks):
+    if start == 0 and cfg["eval_interval"] and len(val_blocks) and ranks.main:
         ev = evaluate(model, val_blocks, device)
         log(f"step 0: eval_loss {ev:.4f}")
         write_row(0, None, None, ev)
     from tqdm import tqdm
 
-    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, disable=not cfg["progress"],
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, disable=not (cfg["progress"] and ranks.main),
                dynamic_ncols=True, desc=f"{mode} q={q}" if mode != "FO" else "FO")
     t_last = time.perf_counter()
     for step in bar:
@@ -294,7 +321,7 @@ def train(args) -> Path:
         fwd_time[0] = 0.0
         bp_step = mode in ("Instruct", "Calibrate") and step % cfg["bp_interval"] == 0
         if mode == "FO" or (mode == "Calibrate" and bp_step):
-            x = bp_stream.batch(step if mode == "FO" else step // cfg["bp_interval"]).to(device)
+            x = ranks.shard(bp_stream.batch(step if mode == "FO" else step // cfg["bp_interval"])).to(device)
             if torch_opt is not None and mode == "Calibrate":
                 for g in torch_opt.param_groups:
                     g["lr"] = bp_lr
@@ -342,14 +369,14 @@ def train(args) -> Path:
             counters["zo_fwd_time"] += fwd_time[0]
         counters["step_time"] += dt
         counters["forward_passes"] += n_fwd
-        counters["tokens"] += n_tok
+        counters["tokens"] += n_tok * ranks.world  # the global batch
         now = time.perf_counter()
         counters["elapsed_s"] += now - t_last
         t_last = now
 
         done = step + 1
         is_eval = cfg["eval_interval"] and len(val_blocks) and (done % cfg["eval_interval"] == 0 or done == max_steps)
-        ev = evaluate(model, val_blocks, device) if is_eval else None
+        ev = evaluate(model, val_blocks, device) if is_eval and ranks.main else None
         if done % cfg["log_interval"] == 0 or is_eval or done == max_steps:
             lv, gv = float(loss), float(grad_norm)
             write_row(done, lv, gv, ev)
@@ -360,6 +387,14 @@ def train(args) -> Path:
             save(done)
         t_last = time.perf_counter()  # evals and checkpoints are not training time
     bar.close()
+    if not ranks.agree(params):
+        raise RuntimeError("data-parallel ranks hold different parameters: a rank saw other seeds "
+                           "or another model; check that every rank runs the same command")
+    if ranks.world > 1:
+        log(f"data parallel: the {ranks.world} ranks hold identical parameters")
+    parallel.teardown(ranks)
+    if not ranks.main:
+        return run_dir
 
     # ---- summary
     s = {"steps": max_steps, "s_per_step": counters["step_time"] / max(1, max_steps),
