@@ -93,12 +93,13 @@ ZO_HD uint32_t float_to_bits(float f) {
 #if !defined(__CUDA_ARCH__)
 // ln(x) for normal positive x (Cephes logf: mantissa in [sqrt(1/2), sqrt(2)), degree-9 poly).
 ZO_HD float host_logf(float x) {
-  const uint32_t bits = float_to_bits(x);
-  int e = static_cast<int>((bits >> 23) & 0xff) - 127;
-  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? 0.5f * m : m;
-  e = big ? e + 1 : e;
+  // Reduce to m in [sqrt(1/2), sqrt(2)) with the exponent adjusted, on integers: adding
+  // 0x800000 - 0x3504f4 carries into the exponent exactly when the mantissa m' in [1, 2)
+  // is above sqrt(2) (as float32, 0x3fb504f3), and m = m' or m'/2 as before (bit-identical
+  // to the compare-and-halve form, with no selects).
+  const uint32_t t = float_to_bits(x) + (0x00800000u - 0x003504f4u);
+  const int e = static_cast<int>(t >> 23) - 127;
+  const float m = bits_to_float((t & 0x007fffffu) + 0x3f3504f4u);
   const float f = m - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
@@ -133,6 +134,26 @@ ZO_HD void host_sincos2pi(float u, float* c_out, float* s_out) {
   *c_out = cq;
   *s_out = sq;
 }
+
+// host_sincos2pi(uniform_open01(w)) computed from the word itself: with m = w >> 9,
+// u = (m + 0.5) 2^-23, round(4u) = (m + 2^20) >> 21 and u - k/4 = (m - k 2^21 + 0.5) 2^-23,
+// all exact, so the same floats as host_sincos2pi; the quadrant is applied by a swap and
+// sign bits.
+ZO_HD void host_sincos2pi_word(uint32_t w, float* c_out, float* s_out) {
+  const uint32_t m = w >> 9;
+  const uint32_t k = (m + (1u << 20)) >> 21;
+  const int d = static_cast<int>(m) - static_cast<int>(k << 21);
+  const float a = 6.28318530717958647692f * ((static_cast<float>(d) + 0.5f) * 1.1920928955078125e-07f);
+  const float a2 = a * a;
+  const float s = a + a * a2 * (-1.6666654611e-1f + a2 * (8.3321608736e-3f + a2 * -1.9515295891e-4f));
+  const float c = 1.0f - 0.5f * a2 +
+                  a2 * a2 * (4.166664568298827e-2f + a2 * (-1.388731625493765e-3f + a2 * 2.443315711809948e-5f));
+  const bool swap = (k & 1u) != 0;
+  const uint32_t c_sign = ((k + 1u) & 2u) << 30;  // quadrants 1, 2
+  const uint32_t s_sign = (k & 2u) << 30;         // quadrants 2, 3
+  *c_out = bits_to_float(float_to_bits(swap ? s : c) ^ c_sign);
+  *s_out = bits_to_float(float_to_bits(swap ? c : s) ^ s_sign);
+}
 #endif
 
 ZO_HD void box_muller(uint32_t wr, uint32_t wt, float* z0, float* z1) {
@@ -144,7 +165,7 @@ ZO_HD void box_muller(uint32_t wr, uint32_t wt, float* z0, float* z1) {
 #else
   const float r = std::sqrt(-2.0f * host_logf(ur));
   float s, c;
-  host_sincos2pi(ut, &c, &s);
+  host_sincos2pi_word(wt, &c, &s);
 #endif
   *z0 = r * c;
   *z1 = r * s;
