@@ -47,10 +47,10 @@ constexpr int64_t kBlocks = kChunk / 4;  // Philox counters per chunk (Gaussian)
 // Box-Muller over Philox words already in w[0..3][b] (planes of kBlocks words), accumulated
 // into acc[4b + lane]. The auto-vectorizer handles this loop well once the 32x32->64-bit
 // multiplies are out of it (it widens them to 64-bit lanes and emulates 64x64 products).
-ZO_INLINE void add_box_muller(float* __restrict acc, const uint32_t* __restrict w, int64_t blocks,
-                              float coef) {
+ZO_INLINE void add_box_muller(float* __restrict acc, const uint32_t* __restrict w, int64_t b0,
+                              int64_t blocks, float coef) {
 #pragma omp simd
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = b0; b < blocks; ++b) {
     float z0, z1, z2, z3;
     zo::box_muller(w[b], w[kBlocks + b], &z0, &z1);
     zo::box_muller(w[2 * kBlocks + b], w[3 * kBlocks + b], &z2, &z3);
@@ -58,6 +58,24 @@ ZO_INLINE void add_box_muller(float* __restrict acc, const uint32_t* __restrict 
     acc[4 * b + 1] += coef * z1;
     acc[4 * b + 2] += coef * z2;
     acc[4 * b + 3] += coef * z3;
+  }
+}
+
+// The last seed of a float32 chunk, fused with the axpby over whole blocks of 4:
+// p = alpha * p + (acc + coef * z), the same arithmetic as accumulating then axpby_f32, but
+// the parameter stream is spread over the noise computation instead of one burst at the end.
+ZO_INLINE void box_muller_axpby_f32(float* __restrict p, const float* __restrict acc,
+                                    const uint32_t* __restrict w, int64_t blocks, float coef,
+                                    float alpha) {
+#pragma omp simd
+  for (int64_t b = 0; b < blocks; ++b) {
+    float z0, z1, z2, z3;
+    zo::box_muller(w[b], w[kBlocks + b], &z0, &z1);
+    zo::box_muller(w[2 * kBlocks + b], w[3 * kBlocks + b], &z2, &z3);
+    p[4 * b + 0] = alpha * p[4 * b + 0] + (acc[4 * b + 0] + coef * z0);
+    p[4 * b + 1] = alpha * p[4 * b + 1] + (acc[4 * b + 1] + coef * z1);
+    p[4 * b + 2] = alpha * p[4 * b + 2] + (acc[4 * b + 2] + coef * z2);
+    p[4 * b + 3] = alpha * p[4 * b + 3] + (acc[4 * b + 3] + coef * z3);
   }
 }
 
@@ -154,23 +172,43 @@ ZO_TARGET_V3 __attribute__((noinline)) void philox_words_v3(uint32_t* __restrict
 }
 #endif
 
+// Philox words of blocks [0, ceil(n / 4)) into w (kIsa: 2 AVX-512, 1 AVX2).
+template <int kIsa>
+ZO_INLINE void philox_words(uint32_t* w, int64_t n, uint64_t g0, uint64_t seed) {
+#if defined(ZO_X86_DISPATCH)
+  const int64_t lanes = kIsa == 2 ? 16 : 8;
+  const int64_t padded = ((n + 3) / 4 + lanes - 1) / lanes * lanes;
+  if constexpr (kIsa == 2)
+    philox_words_v4(w, padded, g0 >> 2, seed);
+  else
+    philox_words_v3(w, padded, g0 >> 2, seed);
+#endif
+}
+
 // kIsa: 2 AVX-512, 1 AVX2, 0 baseline.
 template <int kIsa>
 ZO_INLINE void add_gaussian(float* acc, int64_t n, uint64_t g0, uint64_t seed, float coef) {
-#if defined(ZO_X86_DISPATCH)
   if constexpr (kIsa > 0) {
-    const int64_t blocks = (n + 3) / 4;
-    const int64_t lanes = kIsa == 2 ? 16 : 8;
     alignas(64) uint32_t w[4 * kBlocks];  // Philox words, one plane per word
-    if constexpr (kIsa == 2)
-      philox_words_v4(w, (blocks + lanes - 1) / lanes * lanes, g0 >> 2, seed);
-    else
-      philox_words_v3(w, (blocks + lanes - 1) / lanes * lanes, g0 >> 2, seed);
-    add_box_muller(acc, w, blocks, coef);
-    return;
+    philox_words<kIsa>(w, n, g0, seed);
+    add_box_muller(acc, w, 0, (n + 3) / 4, coef);
+  } else {
+    add_gaussian_scalar(acc, n, g0, seed, coef);
   }
-#endif
-  add_gaussian_scalar(acc, n, g0, seed, coef);
+}
+
+// add_gaussian for the last seed, then p = alpha * p + acc, on float32 (AVX paths only).
+template <int kIsa>
+ZO_INLINE void add_gaussian_axpby_f32(float* p, float* acc, int64_t n, uint64_t g0, uint64_t seed,
+                                      float coef, float alpha) {
+  alignas(64) uint32_t w[4 * kBlocks];
+  philox_words<kIsa>(w, n, g0, seed);
+  const int64_t whole = n / 4;
+  box_muller_axpby_f32(p, acc, w, whole, coef, alpha);
+  if (whole * 4 < n) {  // a partial last block: through acc
+    add_box_muller(acc, w, whole, whole + 1, coef);
+    for (int64_t e = whole * 4; e < n; ++e) p[e] = alpha * p[e] + acc[e];
+  }
 }
 
 ZO_INLINE void add_signs(float* acc, uint32_t word, float coef) {
@@ -214,12 +252,19 @@ ZO_INLINE void process_chunk_body(void* data, at::ScalarType dtype, int64_t n, u
                                   float alpha, bool gaussian) {
   alignas(64) float acc[kChunk];
   std::fill(acc, acc + kChunk, 0.0f);
-  for (int64_t i = 0; i < n_seeds; ++i) {
+  // float32 Gaussian on the AVX paths: the last seed is fused with the axpby
+  const bool fuse_last = kIsa > 0 && gaussian && dtype == at::kFloat && n_seeds > 0;
+  for (int64_t i = 0; i < n_seeds - (fuse_last ? 1 : 0); ++i) {
     const uint64_t seed = static_cast<uint64_t>(seeds[i]);
     if (gaussian)
       add_gaussian<kIsa>(acc, n, g0, seed, coefs[i]);
     else
       add_rademacher(acc, n, g0, seed, coefs[i]);
+  }
+  if (fuse_last) {
+    add_gaussian_axpby_f32<kIsa>(static_cast<float*>(data), acc, n, g0,
+                                 static_cast<uint64_t>(seeds[n_seeds - 1]), coefs[n_seeds - 1], alpha);
+    return;
   }
   switch (dtype) {
     case at::kFloat: axpby_f32(static_cast<float*>(data), acc, n, alpha); break;
