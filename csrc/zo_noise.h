@@ -157,8 +157,9 @@ ZO_HD void host_sincos2pi_word(uint32_t w, float* c_out, float* s_out) {
 #endif
 
 ZO_HD void box_muller(uint32_t wr, uint32_t wt, float* z0, float* z1) {
-  const float ur = uniform_open01(wr), ut = uniform_open01(wt);
+  const float ur = uniform_open01(wr);
 #if defined(__CUDA_ARCH__)
+  const float ut = uniform_open01(wt);
   const float r = sqrtf(-2.0f * logf(ur));
   float s, c;
   sincospif(2.0f * ut, &s, &c);
