@@ -176,3 +176,34 @@ def test_bad_input_is_rejected_with_the_argument_named():
         zo_update_([torch.zeros(3)], [1, 2], [1.0])
     with pytest.raises(ValueError, match="does not support"):
         perturb_([torch.zeros(3, dtype=torch.float64)], 0, 1.0, backend="cpu")
+
+
+NARROW_ISA_CHECK = """
+import torch, zo_opt
+from zo_opt import noise
+from zo_opt.functional import zo_update_
+sizes = [1, 3, 7, 129, 2047, 2049, 4099]
+for distribution in noise.DISTRIBUTIONS:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        params = [torch.zeros(n, dtype=dtype) for n in sizes]
+        zo_update_(params, [5, 2**64 - 1], [1.0, -0.5], distribution=distribution, backend="cpu")
+        ref = [noise.direction(sizes, 5, distribution)[k] - 0.5 * noise.direction(sizes, 2**64 - 1, distribution)[k]
+               for k in range(len(sizes))]
+        for p, r in zip(params, ref):
+            err = (p.float() - r.to(dtype).float()).abs().max().item()
+            assert err <= 4e-5 + torch.finfo(dtype).eps * r.abs().max().item(), (distribution, dtype, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in zo_opt.available_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cpu_backend_narrower_isa_paths(isa):
+    """The AVX2 and baseline builds of the CPU kernel, which this AVX-512 machine would not pick."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ZO_OPT_CPU_ISA": isa}
+    run = subprocess.run([sys.executable, "-c", NARROW_ISA_CHECK], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr
