@@ -337,6 +337,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun(args, timeout=600):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "zo_opt.train"]
+    proc = subprocess.run(launch + args, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ZO", "FO"])
 def test_torchrun_two_ranks_match_one_process(base, tmp_path, tiny_model, mode):
@@ -344,12 +352,7 @@ def test_torchrun_two_ranks_match_one_process(base, tmp_path, tiny_model, mode):
     common = ["--mode", mode, "--q", "2", "--max_steps", "3", "--eval_interval", "0", "--no-plot",
               "--save_interval", "0"]
     single = main(base + common + ["--run_name", "single"])
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "zo_opt.train"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(launch + base + common + ["--run_name", "ranks"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(base + common + ["--run_name", "ranks"])
     ranks = tmp_path / "runs" / "ranks"
     assert "the 2 ranks hold identical parameters" in (ranks / "train.log").read_text()
     assert [r["step"] for r in rows(ranks)] == ["1", "2", "3"]  # rank 0 alone writes
@@ -360,6 +363,20 @@ def test_torchrun_two_ranks_match_one_process(base, tmp_path, tiny_model, mode):
 
     init = load_file(str(tiny_model / "model.safetensors"))
     assert any((a[k] - init[k]).abs().max() > 1e-4 for k in a if k in init)  # it trained
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_bit_identical(base, tmp_path):
+    common = ["--mode", "ZO", "--q", "2", "--eval_interval", "0", "--no-plot", "--save_interval", "2",
+              "--keep_checkpoints", "3"]
+    torchrun(base + common + ["--max_steps", "4", "--run_name", "full"])
+    full = tmp_path / "runs" / "full"
+    torchrun(base + common + ["--max_steps", "2", "--run_name", "part"])
+    part = tmp_path / "runs" / "part"
+    torchrun(["--resume", str(part / "checkpoints"), "--max_steps", "4", "--no-progress"])
+    a, b = params_of(full), params_of(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in rows(part)] == ["1", "2", "3", "4"]
 
 
 def test_torchrun_rejects_a_batch_that_does_not_split(base, monkeypatch):
