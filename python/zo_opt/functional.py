@@ -33,9 +33,14 @@ def check_params(params: Sequence[torch.Tensor], name: str = "params") -> list[t
 
 
 def _scales_on(scales: Scales, device: torch.device) -> torch.Tensor:
+    """The scales as a float32 vector on ``device``. Host floats go through pinned memory
+    with a non-blocking copy: a pageable copy would make every pass wait for the GPU."""
     if isinstance(scales, torch.Tensor):
         return scales.detach().to(device=device, dtype=torch.float32).reshape(-1)
-    return torch.tensor([float(s) for s in scales], dtype=torch.float32, device=device)
+    host = torch.tensor([float(s) for s in scales], dtype=torch.float32)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()

@@ -16,6 +16,13 @@ def as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
+def call_op(params: Sequence[torch.Tensor], offsets: Sequence[int], seeds: Sequence[int],
+            scales: torch.Tensor, distribution: str) -> None:
+    """``torch.ops.zo_opt.noise_axpby_``: the compiled op, dispatched by device (CPU, CUDA)."""
+    torch.ops.zo_opt.noise_axpby_(list(params), list(offsets), [as_int64(s) for s in seeds],
+                                  scales, distribution)
+
+
 class CpuBackend:
     name = "cpu"
 
@@ -25,10 +32,7 @@ class CpuBackend:
     def supports(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and tensor.dtype in DTYPES
 
-    def noise_axpby_(self, params: Sequence[torch.Tensor], offsets: Sequence[int],
-                     seeds: Sequence[int], scales: torch.Tensor, distribution: str) -> None:
-        torch.ops.zo_opt.noise_axpby_(list(params), list(offsets), [as_int64(s) for s in seeds],
-                                      scales, distribution)
+    noise_axpby_ = staticmethod(call_op)
 
 
 BACKEND = CpuBackend()

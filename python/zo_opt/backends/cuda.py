@@ -3,12 +3,10 @@ Box-Muller in registers, 16-byte vector accesses. Present when zo_opt's kernels 
 with nvcc against a CUDA torch (ahead of time by setup.py, or on first use)."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from .. import _extension
-from .cpu import as_int64
+from .cpu import call_op
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OP = "zo_opt::noise_axpby_"
@@ -33,10 +31,7 @@ class CudaBackend:
     def supports(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cuda" and tensor.dtype in DTYPES
 
-    def noise_axpby_(self, params: Sequence[torch.Tensor], offsets: Sequence[int],
-                     seeds: Sequence[int], scales: torch.Tensor, distribution: str) -> None:
-        torch.ops.zo_opt.noise_axpby_(list(params), list(offsets), [as_int64(s) for s in seeds],
-                                      scales, distribution)
+    noise_axpby_ = staticmethod(call_op)
 
 
 BACKEND = CudaBackend()
