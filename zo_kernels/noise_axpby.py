@@ -192,28 +192,37 @@ def noise_axpby_(params: Sequence[torch.Tensor], offsets: Sequence[int], seeds: 
                  scales: torch.Tensor, distribution: str) -> None:
     """In place over contiguous float32/float16/bfloat16 tensors on one device: one launch per
     dtype. ``scales`` is float32 [1 + len(seeds)] on that device."""
+    if any(p.numel() for p in params):
+        prepare(params, offsets)(_seeds_on(seeds, params[0].device), scales, distribution)
+
+
+def prepare(params: Sequence[torch.Tensor], offsets: Sequence[int]):
+    """The tables of ``params`` (one per dtype), built once; returns
+    ``run(seeds, scales, distribution)`` with int64 seeds (uint64 bits) and float32 scales on
+    the params' device, which only launches: no copy, no sync, so it can be graph-captured."""
     groups: dict[torch.dtype, tuple[list, list]] = {}
     for p, o in zip(params, offsets):
         if p.numel():
             ps, os_ = groups.setdefault(p.dtype, ([], []))
             ps.append(p)
             os_.append(o)
-    if not groups:
-        return
-    device = params[0].device
-    seeds_dev = _seeds_on(seeds, device)
-    scales = scales.to(device=device, dtype=torch.float32).contiguous()
-    for ps, os_ in groups.values():
-        _launch(ps, os_, seeds_dev, len(seeds), scales, distribution == "rademacher")
+    launches = [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in groups.values()]
+
+    def run(seeds: torch.Tensor, scales: torch.Tensor, distribution: str) -> None:
+        scales = scales.to(dtype=torch.float32).contiguous()
+        if seeds.numel() == 0:  # the kernel takes a valid pointer even when it reads none
+            seeds = torch.zeros(1, dtype=torch.int64, device=scales.device)
+        for ps, table in launches:
+            _launch(ps, table, seeds, scales.numel() - 1, scales, distribution == "rademacher")
+
+    return run
 
 
-def _launch(params: list[torch.Tensor], offsets: list[int], seeds: torch.Tensor, n_seeds: int,
+def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int,
             scales: torch.Tensor, rademacher: bool) -> None:
-    table = table_for(params, offsets, BLOCK)
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         noise_axpby_kernel[(table.n_blocks,)](
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
             RADEMACHER=rademacher, LIBDEVICE=not INTERPRETED, ALIGNED=table.aligned,
             VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-

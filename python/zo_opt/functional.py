@@ -43,6 +43,64 @@ def _scales_on(scales: Scales, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def seeds_on(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Seeds as an int64 tensor of their uint64 bits on ``device`` (host ints go through
+    pinned memory, non-blocking)."""
+    if isinstance(seeds, torch.Tensor):
+        return seeds.to(device=device, dtype=torch.int64).reshape(-1)
+    host = torch.tensor([s - (1 << 64) if s >= 1 << 63 else s for s in seeds], dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class Prepared:
+    """A fixed list of parameters made ready for pass after pass (an optimizer's).
+
+    The checks, the global offsets, the choice of backend per tensor and the backends'
+    multi-tensor tables are done here, once; :meth:`noise_axpby_` then costs one launch per
+    (backend, device, dtype) and no work per tensor. The tables hold the tensors' addresses:
+    :meth:`matches` says whether ``params`` still live where they did (``p.data = ...``
+    moves them), and a caller prepares again when they do not.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], *, backend: str = "auto",
+                 offsets: Sequence[int] | None = None, base_offset: int = 0):
+        params = check_params(params)
+        backends.check_name(backend)
+        if offsets is None:
+            offsets = [base_offset + o for o in noise.offsets([p.numel() for p in params])]
+        elif len(offsets) != len(params):
+            raise ValueError(f"offsets has {len(offsets)} entries for {len(params)} params")
+        self.key = self.layout(params)
+        work: dict[tuple[str, torch.device], tuple[list, list]] = {}
+        for p, o in zip(params, offsets):
+            if p.numel():
+                ps, os_ = work.setdefault((backends.resolve(backend, p).name, p.device), ([], []))
+                ps.append(p)
+                os_.append(o)
+        self.runners = [(device, backends.BACKENDS[name].prepare(ps, os_))
+                        for (name, device), (ps, os_) in work.items()]
+
+    @staticmethod
+    def layout(params: Sequence[torch.Tensor]) -> tuple:
+        return tuple((p.data_ptr(), p.numel(), p.dtype, p.device) for p in params)
+
+    def matches(self, params: Sequence[torch.Tensor]) -> bool:
+        return self.layout(params) == self.key
+
+    @torch.no_grad()
+    def noise_axpby_(self, seeds: Sequence[int] | torch.Tensor, scales: Scales, *,
+                     distribution: str = "gaussian") -> None:
+        """``params[k] = scales[0] * params[k] + sum_i scales[1+i] * z_k(seeds[i])``; seeds
+        and scales already on the params' device make this launch-only (graph-capturable)."""
+        if len(scales) != len(seeds) + 1:
+            raise ValueError(f"scales has {len(scales)} entries; expected 1 + len(seeds) = "
+                             f"{len(seeds) + 1}")
+        for device, run in self.runners:
+            run(seeds_on(seeds, device), _scales_on(scales, device), distribution)
+
+
 @torch.no_grad()
 def noise_axpby_(params: Sequence[torch.Tensor], seeds: Sequence[int], scales: Scales, *,
                  distribution: str = "gaussian", backend: str = "auto",
@@ -51,26 +109,13 @@ def noise_axpby_(params: Sequence[torch.Tensor], seeds: Sequence[int], scales: S
 
     The primitive of every pass: one backend call per (backend, device) among the params.
     ``offsets`` overrides the global start index of each tensor (the optimizer passes a
-    group's slice of the offsets of all its parameters).
+    group's slice of the offsets of all its parameters). For many passes over the same list,
+    :class:`Prepared` does the per-tensor work once.
     """
-    params = check_params(params)
     seeds = [noise.check_seed(s) for s in seeds]
     noise.check_distribution(distribution)
-    backends.check_name(backend)
-    if len(scales) != len(seeds) + 1:
-        raise ValueError(f"scales has {len(scales)} entries; expected 1 + len(seeds) = {len(seeds) + 1}")
-    if offsets is None:
-        offsets = [base_offset + o for o in noise.offsets([p.numel() for p in params])]
-    elif len(offsets) != len(params):
-        raise ValueError(f"offsets has {len(offsets)} entries for {len(params)} params")
-    work: dict[tuple[str, torch.device], tuple[list, list]] = {}
-    for p, o in zip(params, offsets):
-        if p.numel():
-            ps, os_ = work.setdefault((backends.resolve(backend, p).name, p.device), ([], []))
-            ps.append(p)
-            os_.append(o)
-    for (name, device), (ps, os_) in work.items():
-        backends.BACKENDS[name].noise_axpby_(ps, os_, seeds, _scales_on(scales, device), distribution)
+    Prepared(params, backend=backend, offsets=offsets,
+             base_offset=base_offset).noise_axpby_(seeds, scales, distribution=distribution)
 
 
 def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,

@@ -8,6 +8,8 @@ reference that every backend is tested against, element by element.
 * ``noise_at(indices, seed, distribution)``: z at global element indices.
 * ``direction(numels, seed, distribution)``: z for a whole parameter list.
 * ``direction_seed(base_seed, step, index)``: the seed of direction ``index`` at ``step``.
+* ``direction_seeds(base_seed, step, q)``: the same for indices 0..q-1, computed where
+  ``step`` lives (an int64 device tensor keeps a step free of host work: CUDA graphs).
 """
 from __future__ import annotations
 
@@ -127,3 +129,30 @@ def direction_seed(base_seed: int, step: int, index: int) -> int:
     x = _splitmix64(check_seed(base_seed))
     x = _splitmix64(x ^ (step & MASK64))
     return _splitmix64(x ^ (index & MASK64))
+
+
+def _as_signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _splitmix64_t(x: torch.Tensor) -> torch.Tensor:
+    """``_splitmix64`` on int64 tensors holding uint64 bits: int64 adds and multiplies wrap
+    like uint64 ones, and a logical right shift is the arithmetic one with the sign bits
+    masked off."""
+    def shr(v: torch.Tensor, k: int) -> torch.Tensor:
+        return (v >> k) & ((1 << (64 - k)) - 1)
+
+    x = x + _as_signed(0x9E3779B97F4A7C15)
+    x = (x ^ shr(x, 30)) * _as_signed(0xBF58476D1CE4E5B9)
+    x = (x ^ shr(x, 27)) * _as_signed(0x94D049BB133111EB)
+    return x ^ shr(x, 31)
+
+
+def direction_seeds(base_seed: int, step: torch.Tensor, q: int) -> torch.Tensor:
+    """``direction_seed(base_seed, step, i)`` for i in range(q), as an int64 tensor of uint64
+    bits on ``step``'s device (``step``: a 0-d int64 tensor). Pure tensor ops: no host sync,
+    so it can be captured in a CUDA graph with ``step`` advanced on the device."""
+    x = torch.full_like(step, _as_signed(_splitmix64(check_seed(base_seed))))
+    x = _splitmix64_t(x ^ step)
+    index = torch.arange(q, dtype=torch.int64, device=step.device)
+    return _splitmix64_t(x.reshape(1) ^ index)

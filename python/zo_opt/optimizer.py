@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends, noise
-from .functional import check_params, noise_axpby_
+from .functional import Prepared, check_params, seeds_on
 
 ESTIMATORS = ("central", "forward")
 NONFINITE = ("skip", "raise", "skip_silent")
@@ -26,7 +26,7 @@ class StepRecord:
     """
 
     step: int
-    seeds: list[int]
+    seeds: list[int] | torch.Tensor  # a tensor (uint64 bits as int64) when capturable
     grads: torch.Tensor  # projected gradients g_i, float32, on the loss device (no sync)
     lr: float  # of the first param group; group_lrs has them all
     eps: float
@@ -136,9 +136,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             Direction seeds are ``noise.direction_seed(seed, step, i)``.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
         nonfinite: what a non-finite loss does: ``"skip"`` restores the parameters and skips
-            the update with a warning; ``"raise"`` restores them and raises FloatingPointError;
+            the update with a warning (the default); ``"raise"`` restores them and raises
+            FloatingPointError;
             ``"skip_silent"`` skips on the device with no warning and no host sync
             (``last_record.finite`` tells), so that a GPU step never waits for the GPU.
+        capturable: keep the whole step on the device so that it can be captured in a CUDA
+            graph (see "CUDA graphs" in the README): the step counter lives on the device and
+            the direction seeds are derived there, every scale stays a device tensor, and
+            ``last_record.seeds`` is a device tensor. Needs one device, ``momentum=0``, no
+            process group, and the non-finite check on the device (``nonfinite`` defaults to
+            ``"skip_silent"``). ``lr`` and ``weight_decay`` are read when the graph is captured.
         process_group: data parallel over torch.distributed. ``None`` uses the default group
             when one is initialised (``False`` never does). Every rank evaluates the same
             directions on its own shard of the batch; per step the ranks all-reduce only the
@@ -157,14 +164,20 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, *, q: int = 1, eps: float = 1e-3,
                  distribution: str = "gaussian", estimator: str = "central",
                  weight_decay: float = 0.0, momentum: float = 0.0, seed: int | None = None,
-                 backend: str = "auto", nonfinite: str = "skip", process_group=None):
+                 backend: str = "auto", nonfinite: str | None = None, capturable: bool = False,
+                 process_group=None):
         self.q = _positive_int("q", q)
         if not eps > 0:
             raise ValueError(f"Invalid eps: {eps!r}; it must be > 0")
         if estimator not in ESTIMATORS:
             raise ValueError(f"Invalid estimator: {estimator!r}; choose one of {ESTIMATORS}")
+        if nonfinite is None:
+            nonfinite = "skip_silent" if capturable else "skip"
         if nonfinite not in NONFINITE:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE}")
+        if capturable and nonfinite != "skip_silent":
+            raise ValueError(f"capturable=True needs nonfinite='skip_silent' (got {nonfinite!r}): "
+                             "the other modes read the loss on the host, which a CUDA graph cannot")
         self.eps = float(eps)
         self.distribution = noise.check_distribution(distribution)
         self.estimator = estimator
@@ -174,10 +187,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.process_group = _resolve_group(process_group)
         if self.process_group is not None:
             self.base_seed = _broadcast_seed(self.base_seed, self.process_group)
+        if capturable and self.process_group is not None:
+            raise ValueError("capturable=True does not take a process group yet: pass "
+                             "process_group=False, or capturable=False for data parallel")
+        self.capturable = bool(capturable)
         self.step_count = 0
         self.last_record: StepRecord | None = None
+        self._plans: dict[tuple[str, int], Prepared] = {}
+        self._constants: dict[tuple, torch.Tensor] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults)
+        if self.capturable:
+            devices = {p.device for p in self._params()}
+            if len(devices) != 1:
+                raise ValueError(f"capturable=True needs every param on one device; got {sorted(map(str, devices))}")
+            if any(g["momentum"] for g in self.param_groups):
+                raise ValueError("capturable=True supports momentum=0 only")
+            self._step_t = torch.zeros((), dtype=torch.int64, device=devices.pop())
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -193,38 +219,74 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "put each device's params in its own group")
 
     # -- the pass schedule -------------------------------------------------------------------
+    # A displacement is (i, scale): theta sits at theta0 + scale * z(seeds[i]). Seeds and
+    # scales reach the kernels as device tensors (the seeds made once per step, the constant
+    # scales once per run), so a pass costs one launch and no host work per tensor.
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _shift(self, params, offsets, old: tuple[int, float] | None, new: tuple[int, float] | None):
-        """One pass: move theta from ``theta0 + old`` to ``theta0 + new`` ((seed, scale) pairs)."""
+    def _plan(self, kind: str, k: int, tensors: list[torch.Tensor], offsets: list[int]) -> Prepared:
+        """The prepared list of group ``k``'s params (or momentum buffers), made again only
+        when a tensor moved (``p.data = ...``) or the group changed."""
+        plan = self._plans.get((kind, k))
+        if plan is None or not plan.matches(tensors):
+            plan = self._plans[(kind, k)] = Prepared(tensors, backend=self.backend, offsets=offsets)
+        return plan
+
+    def _groups(self):
+        """(k, params, offsets, prepared) per group; offsets are global over all groups."""
+        params = self._params()
+        offsets = noise.offsets([p.numel() for p in params])
+        start = 0
+        for k, group in enumerate(self.param_groups):
+            n = len(group["params"])
+            ps, offs = params[start:start + n], offsets[start:start + n]
+            start += n
+            if ps:
+                yield k, group, ps, offs, self._plan("params", k, ps, offs)
+
+    def _constant(self, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+        """A float32 vector of constants on ``device``, uploaded once (not during a capture)."""
+        key = (values, device)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(values, dtype=torch.float32).to(device)
+        return self._constants[key]
+
+    def _shift(self, old: tuple[int, float] | None, new: tuple[int, float] | None):
+        """One pass: move theta from ``theta0 + old`` to ``theta0 + new``."""
         if old is not None and new is not None and old[0] == new[0]:
-            seeds, coeffs = [new[0]], [new[1] - old[1]]
+            first, coeffs = new[0], (new[1] - old[1],)
+        elif old is not None and new is not None:
+            assert new[0] == old[0] + 1, "directions are visited in order"
+            first, coeffs = old[0], (-old[1], new[1])
         else:
-            terms = ([(old[0], -old[1])] if old else []) + ([new] if new else [])
-            seeds, coeffs = [s for s, _ in terms], [c for _, c in terms]
-        if seeds:
-            noise_axpby_(params, seeds, [1.0, *coeffs], distribution=self.distribution,
-                         backend=self.backend, offsets=offsets)
+            (first, c) = old if old is not None else new
+            coeffs = (-c,) if old is not None else (c,)
+        for _, group, ps, offs, plan in self._groups():
+            for device, seeds in self._seeds.items():
+                if ps[0].device == device:
+                    plan.noise_axpby_(seeds[first:first + len(coeffs)],
+                                      self._constant((1.0, *coeffs), device),
+                                      distribution=self.distribution)
         self._displacement = new
 
     def _evaluate(self, closure, i: int) -> torch.Tensor:
         return _as_loss(closure(i) if self._pass_index else closure())
 
-    def _estimate(self, closure, params, offsets, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    def _estimate(self, closure) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the 2q (or q+1) evaluations; returns (g, all losses). Leaves theta displaced
         by ``self._displacement``."""
         losses, grads = [], []
         if self.estimator == "forward":
             base = self._evaluate(closure, 0)
             losses.append(base)
-        for i, seed in enumerate(seeds):
-            self._shift(params, offsets, self._displacement, (seed, self.eps))
+        for i in range(self.q):
+            self._shift(self._displacement, (i, self.eps))
             plus = self._evaluate(closure, i)
             losses.append(plus)
             if self.estimator == "central":
-                self._shift(params, offsets, self._displacement, (seed, -self.eps))
+                self._shift(self._displacement, (i, -self.eps))
                 minus = self._evaluate(closure, i)
                 losses.append(minus)
                 grads.append((plus - minus) / (2 * self.eps))
@@ -232,33 +294,30 @@ class ZOOptimizer(torch.optim.Optimizer):
                 grads.append((plus - base) / self.eps)
         return torch.stack(grads), torch.stack(losses)
 
-    def _update(self, params, offsets, seeds, coeffs: torch.Tensor, ok: torch.Tensor) -> None:
+    def _update(self, coeffs: torch.Tensor, ok: torch.Tensor) -> None:
         """The last pass per group: undo the displacement, then decay and step (SGD), or
         update the momentum buffers and step. ``ok`` masks the update on a non-finite loss."""
-        disp_seed, disp_scale = self._displacement
-        start = 0
-        for group in self.param_groups:
-            n = len(group["params"])
-            ps, offs = params[start:start + n], offsets[start:start + n]
-            start += n
+        disp_index, disp_scale = self._displacement
+        for k, group, ps, offs, plan in self._groups():
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            dev = ps[0].device if ps else coeffs.device
+            dev = ps[0].device
+            seeds = self._seeds[dev]
             c, okd = coeffs.to(dev), ok.to(dev)
             if mu:
-                self._shift(ps, offs, self._displacement, None)
-                self._momentum_step(ps, offs, seeds, c, okd, lr, wd, mu)
+                plan.noise_axpby_(seeds[disp_index:disp_index + 1],
+                                  self._constant((1.0, -disp_scale), dev), distribution=self.distribution)
+                self._momentum_step(k, ps, offs, seeds, c, okd, lr, wd, mu)
                 continue
             one = torch.ones((), device=dev)
             alpha = torch.where(okd, one * (1.0 - lr * wd), one)
             step = torch.where(okd, -lr * c, torch.zeros_like(c))
             undo = torch.zeros_like(c)
-            undo[seeds.index(disp_seed)] = 1.0
+            undo[disp_index] = 1.0
             scales = torch.cat([alpha.reshape(1), step - alpha * disp_scale * undo])
-            noise_axpby_(ps, seeds, scales, distribution=self.distribution,
-                         backend=self.backend, offsets=offs)
+            plan.noise_axpby_(seeds, scales, distribution=self.distribution)
         self._displacement = None
 
-    def _momentum_step(self, ps, offs, seeds, c, ok, lr, wd, mu) -> None:
+    def _momentum_step(self, k, ps, offs, seeds, c, ok, lr, wd, mu) -> None:
         bufs = []
         for p in ps:
             state = self.state[p]
@@ -267,12 +326,24 @@ class ZOOptimizer(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         one = torch.ones((), device=c.device)
         keep = torch.where(ok, one * mu, one)
-        noise_axpby_(bufs, seeds, torch.cat([keep.reshape(1), torch.where(ok, c, torch.zeros_like(c))]),
-                     distribution=self.distribution, backend=self.backend, offsets=offs)
+        self._plan("momentum", k, bufs, offs).noise_axpby_(
+            seeds, torch.cat([keep.reshape(1), torch.where(ok, c, torch.zeros_like(c))]),
+            distribution=self.distribution)
         if bool(ok):
             if wd:
                 torch._foreach_add_(bufs, ps, alpha=wd)
             torch._foreach_add_(ps, bufs, alpha=-lr)
+
+    def _step_seeds(self) -> list[int] | torch.Tensor:
+        """This step's direction seeds, and ``self._seeds``: them on each params device."""
+        devices = {p.device for p in self._params()}
+        if self.capturable:
+            seeds = noise.direction_seeds(self.base_seed, self._step_t, self.q)
+            self._seeds = {seeds.device: seeds}
+            return seeds
+        seeds = [noise.direction_seed(self.base_seed, self.step_count, i) for i in range(self.q)]
+        self._seeds = {d: seeds_on(seeds, d) for d in devices}
+        return seeds
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> torch.Tensor:
@@ -281,19 +352,17 @@ class ZOOptimizer(torch.optim.Optimizer):
                             "opt.step(lambda: loss_fn(model(x), y)); ZO estimates the gradient "
                             "from loss evaluations, it cannot use .grad")
         self._pass_index = _takes_index(closure)
-        params = self._params()
-        offsets = noise.offsets([p.numel() for p in params])
-        seeds = [noise.direction_seed(self.base_seed, self.step_count, i) for i in range(self.q)]
+        seeds = self._step_seeds()
         self._displacement = None
         try:
-            grads, losses = self._estimate(closure, params, offsets, seeds)
+            grads, losses = self._estimate(closure)
         except BaseException:
-            self._shift(params, offsets, self._displacement, None)
+            self._shift(self._displacement, None)
             raise
         if self.process_group is not None:
             grads, losses = _mean_over_ranks(grads, losses, self.process_group)
         ok = torch.isfinite(losses).all()
-        self._update(params, offsets, seeds, grads / self.q, ok)
+        self._update(grads / self.q, ok)
         self.last_record = StepRecord(
             step=self.step_count, seeds=seeds, grads=grads.float(), lr=self.param_groups[0]["lr"],
             eps=self.eps, weight_decay=self.param_groups[0]["weight_decay"],
@@ -301,6 +370,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             group_lrs=tuple(g["lr"] for g in self.param_groups),
             group_weight_decays=tuple(g["weight_decay"] for g in self.param_groups), finite=ok)
         self.step_count += 1
+        if self.capturable:
+            self._step_t.add_(1)
         if self.nonfinite != "skip_silent" and not bool(ok):
             message = (f"ZOOptimizer step {self.step_count - 1}: non-finite loss "
                        f"({losses.tolist()}); parameters restored, update skipped")
@@ -313,7 +384,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["zo"] = {"base_seed": self.base_seed, "step": self.step_count, "q": self.q,
+        step = int(self._step_t) if self.capturable else self.step_count  # replays advance _step_t
+        sd["zo"] = {"base_seed": self.base_seed, "step": step, "q": self.q,
                     "eps": self.eps, "distribution": self.distribution,
                     "estimator": self.estimator}
         return sd
@@ -326,3 +398,5 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.base_seed = noise.check_seed(int(zo["base_seed"]))
         self.step_count = int(zo["step"])
+        if self.capturable:
+            self._step_t.fill_(self.step_count)

@@ -9,6 +9,12 @@ Every backend implements one primitive, the pass of NOISE.md's schedule:
 ``seeds`` are Python ints in [0, 2**64), ``scales`` a float32 vector on the params' device
 (so a GPU step need not sync to the host). Arithmetic is float32; results are stored in the
 parameter's dtype with round-to-nearest-even.
+
+``prepare(params, offsets)`` does the per-tensor work once for a list that is used pass after
+pass (an optimizer's): it returns a :data:`Runner` taking the seeds as an int64 tensor of
+uint64 bits and the scales as a float32 tensor, both on the params' device. The GPU backends'
+runners then launch and nothing else: no host work per tensor, no copy, no sync, so that a
+step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from typing import Protocol, Sequence
 import torch
 
 from . import cpu, torch_ref
+from .runner import Runner, list_runner  # noqa: F401  (re-exported)
 
 # Tried in this order by backend="auto", per device type.
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
@@ -33,6 +40,9 @@ class Backend(Protocol):
 
     def noise_axpby_(self, params: Sequence[torch.Tensor], offsets: Sequence[int],
                      seeds: Sequence[int], scales: torch.Tensor, distribution: str) -> None:
+        ...
+
+    def prepare(self, params: Sequence[torch.Tensor], offsets: Sequence[int]) -> Runner:
         ...
 
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import _extension
+from .runner import list_runner
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,6 +34,9 @@ class CpuBackend:
         return tensor.device.type == "cpu" and tensor.dtype in DTYPES
 
     noise_axpby_ = staticmethod(call_op)
+
+    def prepare(self, params, offsets):
+        return list_runner(self, params, offsets)
 
 
 BACKEND = CpuBackend()

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import noise
+from .runner import list_runner
 
 
 class TorchBackend:
@@ -30,6 +31,9 @@ class TorchBackend:
             math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             out = scales[0].to(math_dtype) * p.reshape(-1).to(math_dtype) + acc.to(math_dtype)
             p.copy_(out.view_as(p))
+
+    def prepare(self, params, offsets):
+        return list_runner(self, params, offsets)
 
 
 BACKEND = TorchBackend()

@@ -31,5 +31,8 @@ class TritonBackend:
                      seeds: Sequence[int], scales: torch.Tensor, distribution: str) -> None:
         kernels.noise_axpby_(params, offsets, seeds, scales, distribution)
 
+    def prepare(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
+        return kernels.prepare(params, offsets)
+
 
 BACKEND = TritonBackend()
