@@ -9,8 +9,13 @@ extra memory. The implementations are those of benchmarks/workloads.py (the CPU 
     python benchmarks/gpu/driver.py --out DIR              # on a GPU machine
     python benchmarks/gpu/driver.py --device cpu --dry-run  # tiny sizes: checks the logic
 
-Timing: CUDA events around each call after warm-up calls, median of the repetitions. Every
-row stops being measured once ``--budget-s`` is spent (the table says which were skipped).
+Timing: passes are timed in batches of back-to-back calls after 0.3 s of warm-up (the clocks
+ramp up; the launches queue ahead of the GPU), CUDA events around each batch, the median of
+5 batches; each row notes the SM clock read just after it. Steps are timed one by one (the
+host's work between passes counts). Graphed steps (``capturable=True``, one CUDA graph per
+step) are timed over replays; their share outside the forwards is the step's time less that
+of a graph of the same 2q forwards alone. Every row stops being measured once
+``--budget-s`` is spent (the table says which were skipped).
 """
 from __future__ import annotations
 
@@ -75,6 +80,32 @@ class Budget:
         return time.monotonic() < self.end
 
 
+def sm_clock_mhz(device) -> int | None:
+    """The SM clock now (NVML through torch), to tell a cold card's numbers from a warm one's."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # no NVML here: the table says '-'
+        return None
+
+
+def graph_seconds(fn, reps: int) -> float:
+    """Seconds per replay of a CUDA graph of ``fn`` (warmed up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    t = workloads.median(workloads.time_fn(graph.replay, "cuda", reps=reps))
+    del graph
+    return t
+
+
 def free(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -106,7 +137,7 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
         del fn
         free(device)
         seconds[(impl, dist)] = t
-        rows.append(dict(row, seconds=t, gbps=nbytes / t / 1e9))
+        rows.append(dict(row, seconds=t, gbps=nbytes / t / 1e9, sm_mhz=sm_clock_mhz(device)))
     copy, mezo = seconds.get(("copy", "gaussian")), seconds.get(("mezo-loop", "gaussian"))
     for r in rows:
         if "seconds" in r:
@@ -143,12 +174,15 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
         peak = workloads.peak_extra_bytes(lambda: lambda: stepper.step(probe), device)
         rows.append(dict(row, seconds=step_s, forward_s=fwd_s, outside_s=step_s - fwd_s,
                          outside_share=1 - fwd_s / step_s,
-                         peak_extra_share=peak / workloads.param_bytes(params)))
+                         peak_extra_share=peak / workloads.param_bytes(params),
+                         sm_mhz=sm_clock_mhz(device)))
         with torch.no_grad():
             for p, p0 in zip(params, snapshot):
                 p.data = p0.clone()
         del stepper, closure
         free(device)
+    if torch.device(device).type == "cuda":
+        rows += graphed_step_rows(model, x, y, q, label, batch_size, seq, reps, budget)
     mezo = next((r for r in rows if r["impl"] == "mezo-loop" and "seconds" in r), None)
     for r in rows:
         if "seconds" in r and mezo and r["impl"] != "mezo-loop":
@@ -156,6 +190,45 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
             r["outside_speedup"] = mezo["outside_s"] / max(r["outside_s"], 1e-12)
     del model, params, snapshot
     free(device)
+    return rows
+
+
+def graphed_step_rows(model, x, y, q, label, batch_size, seq, reps, budget) -> list[dict]:
+    """The step as one CUDA graph (ZOOptimizer(capturable=True)) per GPU backend."""
+    params = list(model.parameters())
+    snapshot = [p.detach().clone() for p in params]
+    loss = lambda: model(x, y)  # noqa: E731
+
+    def forwards():
+        with torch.no_grad():
+            for _ in range(2 * q):
+                loss()
+
+    rows, fwd_s = [], None
+    for backend in ("cuda", "triton"):
+        row = dict(kind="step", workload=f"step q={q}, GPT-2 {label} fwd {batch_size}x{seq}",
+                   dtype="float32", distribution="gaussian", impl=f"zo-opt[{backend}] graphed", q=q)
+        if backend not in workloads.zo_backends("cuda"):
+            continue
+        if not budget.left():
+            rows.append(dict(row, skipped="time budget spent"))
+            continue
+        try:
+            fwd_s = fwd_s or graph_seconds(forwards, reps)
+            opt = zo_opt.ZOOptimizer(params, lr=workloads.LR, q=q, eps=workloads.EPS,
+                                     seed=workloads.SEED, backend=backend, capturable=True)
+            step_s = graph_seconds(lambda: opt.step(loss), reps)
+        except Exception as e:  # report it in the table, keep the other rows
+            rows.append(dict(row, skipped=f"failed: {type(e).__name__}: {e}"[:200]))
+            continue
+        finally:
+            with torch.no_grad():
+                for p, p0 in zip(params, snapshot):
+                    p.copy_(p0)
+        rows.append(dict(row, seconds=step_s, forward_s=fwd_s, outside_s=step_s - fwd_s,
+                         outside_share=1 - fwd_s / step_s, peak_extra_share=None,
+                         sm_mhz=sm_clock_mhz("cuda")))
+        free("cuda")
     return rows
 
 
@@ -172,26 +245,30 @@ def table(rows: list[dict], info: dict) -> str:
             "step (median), share of it outside the "
             "forwards (timed with CUDA events inside the closure), speed-up of the step and of "
             "its outside part against the MeZO-style loop, peak memory above the parameters "
-            "of a step whose loss reads one element.", "",
-            "| workload | dtype | directions | implementation | time | GB/s | % of copy | speed-up vs MeZO-style | outside forwards | peak extra memory |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            "of a step whose loss reads one element. SM MHz: the SM clock read just after the "
+            "row was timed.", "",
+            "| workload | dtype | directions | implementation | time | GB/s | % of copy | speed-up vs MeZO-style | outside forwards | peak extra memory | SM MHz |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines = []
     for r in rows:
         start = f"| {r['workload']} | {r['dtype']} | {r['distribution']} | {r['impl']} |"
         if "skipped" in r:
-            lines.append(f"{start} skipped: {r['skipped']} | | | | | |")
+            lines.append(f"{start} skipped: {r['skipped']} | | | | | | |")
             continue
         t = r["seconds"]
+        mhz = r.get("sm_mhz") or "-"
         time_s = f"{1e3 * t:.2f} ms" if t < 1 else f"{t:.3f} s"
         if r["kind"] == "pass":
             pct = f"{100 * r['pct_copy']:.0f}%" if r.get("pct_copy") else "-"
             up = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
-            lines.append(f"{start} {time_s} | {r['gbps']:.1f} | {pct} | {up} | | |")
+            lines.append(f"{start} {time_s} | {r['gbps']:.1f} | {pct} | {up} | | | {mhz} |")
         else:
             up = (f"{r['speedup']:.2f}x (outside: {r['outside_speedup']:.1f}x)"
                   if r.get("speedup") else "-")
+            peak = (f"{100 * r['peak_extra_share']:.3g}%" if r.get("peak_extra_share") is not None
+                    else "-")
             lines.append(f"{start} {time_s} | | | {up} | {100 * r['outside_share']:.1f}% "
-                         f"({1e3 * r['outside_s']:.1f} ms) | {100 * r['peak_extra_share']:.3g}% |")
+                         f"({1e3 * r['outside_s']:.1f} ms) | {peak} | {mhz} |")
     return "\n".join(head + lines) + "\n"
 
 

@@ -2,13 +2,16 @@
 # zo-opt on one NVIDIA GPU, no network: install from this checkout, run the GPU tests, time
 # the passes and steps, write one markdown table. Under 8 minutes: each phase has a timeout.
 #
-#   benchmarks/gpu/run.sh [OUT_DIR]      # default: $OUT if set, else benchmarks/results
+#   benchmarks/gpu/run.sh [OUT_DIR] [driver args...]   # OUT_DIR default: $OUT, else benchmarks/results
+#   BUDGET_S=60 benchmarks/gpu/run.sh "$OUT" --sizes 124M  # a shorter first look
 #
 # Expects python3 with a CUDA torch, triton, pytest and pytest-benchmark already installed
 # (PYTHON=... to pick another interpreter). Leaves the card's settings alone.
 set -u
 cd "$(dirname "$0")/../.."
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
+shift $(($# > 0 ? 1 : 0))
+BUDGET_S=${BUDGET_S:-130}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -36,6 +39,6 @@ timeout 120 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider >"$OUT_DIR/pyt
 rc=$?; tail -15 "$OUT_DIR/pytest-gpu.log"; say "pytest exit $rc"
 
 say "benchmarks"
-timeout 160 $PY benchmarks/gpu/driver.py --out "$OUT_DIR" --budget-s 130
+timeout $((BUDGET_S + 30)) $PY benchmarks/gpu/driver.py --out "$OUT_DIR" --budget-s "$BUDGET_S" "$@"
 rc=$?; say "driver exit $rc; files in $OUT_DIR:"; ls -l "$OUT_DIR"
 exit $rc
