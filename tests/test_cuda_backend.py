@@ -44,16 +44,22 @@ def test_there_are_kernel_files():
     assert KERNEL_FILES, f"no .cu files under {CUDA_DIR}"
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 @pytest.mark.parametrize("source", KERNEL_FILES, ids=lambda p: p.name)
-def test_kernel_file_compiles_with_plain_nvcc(source, tmp_path):
+def test_kernel_file_compiles_with_plain_nvcc(source, arch, tmp_path):
     """No torch include path: the kernel bodies must stay torch-free. They must also fit their
-    register caps: a spill would add local-memory traffic to a bandwidth-bound pass."""
+    register caps: a spill would add local-memory traffic to a bandwidth-bound pass (and a
+    spilled load result stalls the thread until the load lands, before the noise work)."""
     if nvcc() is None:
         pytest.skip("nvcc not found (not on PATH, no CUDA_HOME)")
-    log = compile_or_fail([nvcc(), "-arch=sm_90", "-std=c++17", "-O3", "-Xptxas", "-v", "-c",
+    log = compile_or_fail([nvcc(), f"-arch={arch}", "-std=c++17", "-O3", "-Xptxas", "-v", "-c",
                            str(source), "-o", str(tmp_path / "kernel.o")])
-    spills = [line for line in log.splitlines() if "spill" in line and " 0 bytes spill stores" not in line]
+    spills = [line for line in log.splitlines()
+              if "spill" in line and " 0 bytes spill stores, 0 bytes spill loads" not in line]
     assert not spills, log
+    stacks = [line for line in log.splitlines()
+              if "stack frame" in line and not line.strip().startswith("0 bytes stack frame")]
+    assert not stacks, log
 
 
 def test_no_fast_math_anywhere():
@@ -94,16 +100,18 @@ TABLE_PROGRAM = r"""
 #include <vector>
 #include "cuda/tensor_table.h"
 using namespace zo::cuda;
-// argv: numels. Packs a table with fixed seeds, prints layout, round trip and tile owners.
+// argv: q, then numels (tensor i has dtype i % 3). Packs a table with q of 3 fixed seeds;
+// prints layout, round trip, tile owners, and which strides' forward walks disagree.
 int main(int argc, char** argv) {
+  const int64_t q = std::atoll(argv[1]);
   std::vector<TensorEntry> t;
-  for (int i = 1; i < argc; ++i)
-    t.push_back({nullptr, std::atoll(argv[i]), 128LL * (i - 1), i % 3, i % 2});
+  for (int i = 2; i < argc; ++i)
+    t.push_back({nullptr, std::atoll(argv[i]), 128LL * (i - 2), (i - 2) % 3, (i - 2) % 2});
   const uint64_t seeds[3] = {0, 1, ~0ULL};
   const int64_t n = static_cast<int64_t>(t.size());
-  const TableLayout l = table_layout(n, 3);
+  const TableLayout l = table_layout(n, q);
   std::vector<uint64_t> buf(l.bytes / 8);
-  const int64_t tiles = pack_table(t.data(), n, seeds, 3, buf.data());
+  const int64_t tiles = pack_table(t.data(), n, seeds, q, buf.data());
   const char* base = reinterpret_cast<const char*>(buf.data());
   const TensorEntry* e = reinterpret_cast<const TensorEntry*>(base);
   const int64_t* tb = reinterpret_cast<const int64_t*>(base + l.tile_begin);
@@ -111,16 +119,28 @@ int main(int argc, char** argv) {
   std::printf("bytes %zu tiles %lld\n", l.bytes, (long long)tiles);
   for (int64_t k = 0; k < n; ++k)
     std::printf("entry %lld %lld %d %d\n", (long long)e[k].numel, (long long)e[k].offset, e[k].dtype, e[k].aligned);
-  for (int i = 0; i < 3; ++i) std::printf("seed %llu\n", (unsigned long long)s[i]);
+  for (int i = 0; i < q; ++i) std::printf("seed %llu\n", (unsigned long long)s[i]);
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t k = tensor_of_tile(tb, n, tile);
-    std::printf("tile %lld %lld\n", (long long)k, (long long)((tile - tb[k]) * kTile));
+    std::printf("tile %lld %lld\n", (long long)k, (long long)((tile - tb[k]) * tile_elements(e[k].dtype)));
   }
+  // the kernel's walk: each block searches once, then advances over its grid-stride tiles
+  for (int64_t stride = 1; stride <= tiles + 1; ++stride)
+    for (int64_t first = 0; first < stride && first < tiles; ++first) {
+      int64_t k = tensor_of_tile(tb, n, first);
+      for (int64_t tile = first; tile < tiles; tile += stride) {
+        k = advance_tensor(tb, n, k, tile);
+        if (k != tensor_of_tile(tb, n, tile)) std::printf("walk %lld %lld\n", (long long)stride, (long long)tile);
+      }
+    }
 }
 """
 
 
-def test_tensor_table_packs_and_finds_every_tile(tmp_path):
+@pytest.mark.parametrize("q", [3, 0], ids=["list-op", "prepared"])
+def test_tensor_table_packs_and_finds_every_tile(tmp_path, q):
+    """Tiles are 16 KB: 4096 float32 (dtype 0) or 8192 16-bit elements; a prepared table
+    (q = 0) has no seeds part; the forward walk finds the owner the binary search finds."""
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
@@ -128,17 +148,19 @@ def test_tensor_table_packs_and_finds_every_tile(tmp_path):
     exe = tmp_path / "table"
     compile_or_fail([compiler, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(tmp_path / "table.cpp"),
                      "-o", str(exe)])
-    tile = 4096
-    numels = [0, 0, 3, 4096, 4097, 0, 1, 3 * 4096 + 5, 0, 128, 0]
-    lines = subprocess.run([str(exe), *map(str, numels)], capture_output=True, text=True,
+    numels = [0, 0, 3, 4096, 4097, 0, 1, 3 * 4096 + 5, 0, 128, 0, 8192, 8193, 16385, 2 * 8192]
+    lines = subprocess.run([str(exe), str(q), *map(str, numels)], capture_output=True, text=True,
                            check=True).stdout.splitlines()
     n = len(numels)
-    want_tiles = [(k, i * tile) for k, m in enumerate(numels) for i in range(-(-m // tile))]
-    assert lines[0] == f"bytes {32 * n + 8 * (n + 1) + 8 * 3} tiles {len(want_tiles)}"
-    assert lines[1:1 + n] == [f"entry {m} {128 * k} {(k + 1) % 3} {(k + 1) % 2}"
-                              for k, m in enumerate(numels)]
-    assert lines[1 + n:4 + n] == ["seed 0", "seed 1", f"seed {2**64 - 1}"]
-    assert lines[4 + n:] == [f"tile {k} {start}" for k, start in want_tiles]
+
+    def tile(k):
+        return 4096 if k % 3 == 0 else 8192
+
+    want_tiles = [(k, i * tile(k)) for k, m in enumerate(numels) for i in range(-(-m // tile(k)))]
+    assert lines[0] == f"bytes {32 * n + 8 * (n + 1) + 8 * q} tiles {len(want_tiles)}"
+    assert lines[1:1 + n] == [f"entry {m} {128 * k} {k % 3} {k % 2}" for k, m in enumerate(numels)]
+    assert lines[1 + n:1 + n + q] == ["seed 0", "seed 1", f"seed {2**64 - 1}"][:q]
+    assert lines[1 + n + q:] == [f"tile {k} {start}" for k, start in want_tiles]
 
 
 def test_unavailable_without_cuda_says_why():

@@ -355,6 +355,10 @@ void noise_axpby_cpu(at::TensorList params, at::IntArrayRef offsets, at::IntArra
 TORCH_LIBRARY(zo_opt, m) {
   m.def(
       "noise_axpby_(Tensor(a!)[] params, int[] offsets, int[] seeds, Tensor scales, str distribution) -> ()");
+  // CUDA only (csrc/cuda/noise_axpby_binding.cpp): the prepared path's table and launch
+  m.def("cuda_table(Tensor[] params, int[] offsets) -> (Tensor, int)");
+  m.def(
+      "noise_axpby_table_(Tensor table, int n_tensors, int n_tiles, Tensor seeds, Tensor scales, str distribution) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(zo_opt, CPU, m) { m.impl("noise_axpby_", &noise_axpby_cpu); }

@@ -1,12 +1,20 @@
 // CUDA backend kernel: one pass of NOISE.md's schedule over every tensor of a table.
 //
-// Work split: a tile is 4096 consecutive elements of one tensor (32 Philox blocks of 128);
-// a 256-thread block walks tiles grid-stride, the grid sized to fill the SMs once. Inside a
-// tile, 8 threads share one Philox block: thread l of the 8 takes the 16-byte vectors
-// l, l + 8, l + 16, ... of that block, so each load instruction of 8 threads reads one
-// contiguous 128-byte segment, and each thread draws its Rademacher bits with a single
-// Philox call per seed (a float32 thread holds 4 vectors = 16 elements, a 16-bit one 2 = 16).
+// Work split: a tile is 16 KB of one tensor (tensor_table.h: 4096 float32 or 8192 16-bit
+// elements, whole Philox blocks of 128); a 256-thread block walks tiles grid-stride, the
+// grid sized to fill the SMs once. Inside a tile, 8 threads share one Philox block: thread
+// l of the 8 takes the 16-byte vectors l, l + 8, l + 16, ... of that block, so each load
+// instruction of 8 threads reads one contiguous 128-byte segment, and each thread draws its
+// Rademacher bits with a single Philox call per seed and block. A float32 thread holds 4
+// vectors of one Philox block; a 16-bit thread 2 vectors in each of two blocks, 32 groups
+// apart, so that every load instruction of a warp still covers whole 128-byte lines.
 // Gaussian vectors start at multiples of 4 elements, so each takes whole gaussian4 calls.
+//
+// Why 64 bytes a thread, all loaded before any Philox work: the pass is a stream, and at
+// ~1 us DRAM latency an H200 SM needs ~32 KB of reads in flight to keep its share of the
+// bandwidth. The loads do not depend on the noise, so issuing all of them first lets the
+// Philox/Box-Muller work of the tile run under their latency; with 3-4 resident blocks that
+// is 48-64 KB per SM for every dtype (16-bit types had half that with 16 elements a thread).
 //
 // Arithmetic follows the torch reference backend operation by operation, with explicit
 // round-to-nearest multiplies and adds (no FMA contraction): acc = 0; acc += c_i * z_i in
@@ -23,7 +31,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kLanesPerBlock = 8;  // threads sharing one Philox block of kAlign elements
-static_assert(kThreads / kLanesPerBlock * kAlign == kTile, "a tile is one pass of the block");
+constexpr int kVecsPerThread = 4;  // 16-byte vectors per thread and tile
+static_assert(kThreads * kVecsPerThread * 16 == kTileBytes, "a tile is one pass of the block");
 
 // Element types: how a stored element becomes float32 and back (round to nearest even).
 struct F32 {
@@ -60,85 +69,134 @@ __device__ __forceinline__ uint32_t pick(const Words4& w, int i) {
   return i == 0 ? w.w0 : i == 1 ? w.w1 : i == 2 ? w.w2 : w.w3;
 }
 
-// One thread's share of one tile: its vectors of one Philox block, read once, written once.
+// Offset of vector v of the thread's Philox block b from the thread's first element: block b
+// is kGroups blocks after block 0 (so a warp's load instruction covers whole 128-byte lines),
+// and vector v is 8 vectors after vector v - 1 (the 8 threads of a block interleave).
+template <int kVec, int kGroups>
+__device__ __forceinline__ constexpr int at(int b, int v) {
+  return b * kGroups * kAlign + v * kLanesPerBlock * kVec;
+}
+
+// One thread's share of one tile: its vectors, read once, all before the noise, written once.
 template <typename D, int kDist>
 __device__ __forceinline__ void tile_pass(const TensorEntry& t, int64_t tile_start,
                                           const uint64_t* seeds, int64_t n_seeds,
                                           const float* scales) {
   using V = Vec16<D>;
   constexpr int kVec = V::kN;                            // elements per 16-byte vector
-  constexpr int kNV = kAlign / (kLanesPerBlock * kVec);  // vectors per thread
+  constexpr int kNV = kAlign / (kLanesPerBlock * kVec);  // vectors per thread and Philox block
+  constexpr int kPB = kVecsPerThread / kNV;              // Philox blocks per thread: 1 or 2
+  constexpr int kGroups = kThreads / kLanesPerBlock;     // Philox blocks per tile and per kPB
+  constexpr int kTileElems = kPB * kGroups * kAlign;
+  static_assert(kTileElems * static_cast<int>(sizeof(typename D::Bits)) == kTileBytes,
+                "a tile is one pass of the block");
   const int lane = threadIdx.x % kLanesPerBlock;
-  const int64_t block_start = tile_start + (threadIdx.x / kLanesPerBlock) * kAlign;
-  if (block_start >= t.numel) return;  // past the end of a tail tile
-  typename D::Bits* p = static_cast<typename D::Bits*>(t.data);
+  const int group = threadIdx.x / kLanesPerBlock;
+  // One base pointer and one element count per thread, and every vector at a compile-time
+  // offset from them: the accesses take immediate offsets and the bounds checks compare
+  // against constants. Per-vector 64-bit addresses kept live across the noise loop made the
+  // Gaussian 16-bit paths spill their loaded data (a spill store waits for the load, which
+  // serialized the very latency the early loads are meant to hide).
+  const int first = group * kAlign + lane * kVec;  // this thread's first element in the tile
+  const int64_t left = t.numel - tile_start;       // >= 1
+  const int rem = static_cast<int>(left < kTileElems ? left : kTileElems) - first;  // may be < 0
+  typename D::Bits* q = static_cast<typename D::Bits*>(t.data) + tile_start + first;
+  const bool aligned = t.aligned;
 
-  // Position in the Philox block of element e of vector v is (v * 8 + lane) * kVec + e.
-  float x[kNV][kVec];
+  // Kept as stored bits (converted at the end): 16 registers for every dtype, where floats
+  // would double them for the 16-bit types.
+  V x[kPB][kNV];
 #pragma unroll
-  for (int v = 0; v < kNV; ++v) {
-    const int64_t i0 = block_start + (v * kLanesPerBlock + lane) * kVec;
-    if (t.aligned && i0 + kVec <= t.numel) {
-      V vec;
-      vec.raw = load_global(reinterpret_cast<const uint4*>(p + i0));
+  for (int b = 0; b < kPB; ++b)
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) x[v][e] = D::load(vec.e[e]);
-    } else {  // a tensor's ragged end, or a view that is not 16-byte aligned
+    for (int v = 0; v < kNV; ++v) {
+      const int o = at<kVec, kGroups>(b, v);
+      if (aligned && o + kVec <= rem) {
+        x[b][v].raw = load_global(reinterpret_cast<const uint4*>(q + o));
+      } else {  // a tensor's ragged end, or a view that is not 16-byte aligned
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) x[v][e] = i0 + e < t.numel ? D::load(load_global(p + i0 + e)) : 0.0f;
-    }
-  }
-
-  float acc[kNV][kVec];
-#pragma unroll
-  for (int v = 0; v < kNV; ++v)
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[v][e] = 0.0f;
-
-  const uint64_t g_block = static_cast<uint64_t>(t.offset + block_start);  // a multiple of 128
-  for (int64_t i = 0; i < n_seeds; ++i) {
-    const uint64_t seed = seeds[i];
-    const float c = scales[1 + i];
-    if (kDist == kRademacher) {
-      const Words4 w = rademacher_words(seed, g_block >> 7);
-#pragma unroll
-      for (int v = 0; v < kNV; ++v) {
-        const int bit0 = (v * kLanesPerBlock + lane) * kVec;  // this vector's first bit
-        const uint32_t bits = pick(w, bit0 >> 5) >> (bit0 & 31);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[v][e] = __fadd_rn(acc[v][e], (bits >> e) & 1u ? c : -c);
+        for (int e = 0; e < kVec; ++e)
+          x[b][v].e[e] = o + e < rem ? load_global(q + o + e) : typename D::Bits(0);
       }
-    } else {
+    }
+
+  // The Philox blocks one after the other: holding one block's accumulators at a time keeps
+  // the 16-bit path at the float32 path's register count (and so its occupancy).
+  const uint64_t g_first = static_cast<uint64_t>(t.offset + tile_start + group * kAlign);
 #pragma unroll
-      for (int v = 0; v < kNV; ++v) {
-        const uint64_t g = g_block + (v * kLanesPerBlock + lane) * kVec;
+  for (int b = 0; b < kPB; ++b) {
+    // past the end of a tail tile (and so are this thread's later blocks)
+    if (b * kGroups * kAlign - lane * kVec >= rem) return;
+
+    float acc[kNV][kVec];
 #pragma unroll
-        for (int q = 0; q < kVec / 4; ++q) {
-          const Float4 z = gaussian4(seed, (g >> 2) + q);
-          acc[v][4 * q + 0] = __fadd_rn(acc[v][4 * q + 0], __fmul_rn(c, z.x));
-          acc[v][4 * q + 1] = __fadd_rn(acc[v][4 * q + 1], __fmul_rn(c, z.y));
-          acc[v][4 * q + 2] = __fadd_rn(acc[v][4 * q + 2], __fmul_rn(c, z.z));
-          acc[v][4 * q + 3] = __fadd_rn(acc[v][4 * q + 3], __fmul_rn(c, z.w));
+    for (int v = 0; v < kNV; ++v)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[v][e] = 0.0f;
+
+    const uint64_t g_block = g_first + b * kGroups * kAlign;  // a multiple of 128
+    for (int64_t i = 0; i < n_seeds; ++i) {
+      const uint64_t seed = seeds[i];
+      const float c = scales[1 + i];
+      if (kDist == kRademacher) {
+        const Words4 w = rademacher_words(seed, g_block >> 7);
+#pragma unroll
+        for (int v = 0; v < kNV; ++v) {
+          const int bit0 = (v * kLanesPerBlock + lane) * kVec;  // this vector's first bit
+          const uint32_t bits = pick(w, bit0 >> 5) >> (bit0 & 31);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[v][e] = __fadd_rn(acc[v][e], (bits >> e) & 1u ? c : -c);
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < kNV; ++v) {
+          const uint64_t g = g_block + (v * kLanesPerBlock + lane) * kVec;
+#pragma unroll
+          for (int h = 0; h < kVec / 4; ++h) {
+            const Float4 z = gaussian4(seed, (g >> 2) + h);
+            acc[v][4 * h + 0] = __fadd_rn(acc[v][4 * h + 0], __fmul_rn(c, z.x));
+            acc[v][4 * h + 1] = __fadd_rn(acc[v][4 * h + 1], __fmul_rn(c, z.y));
+            acc[v][4 * h + 2] = __fadd_rn(acc[v][4 * h + 2], __fmul_rn(c, z.z));
+            acc[v][4 * h + 3] = __fadd_rn(acc[v][4 * h + 3], __fmul_rn(c, z.w));
+          }
         }
       }
     }
-  }
 
-  const float alpha = scales[0];
+    const float alpha = scales[0];
 #pragma unroll
-  for (int v = 0; v < kNV; ++v) {
-    const int64_t i0 = block_start + (v * kLanesPerBlock + lane) * kVec;
-    if (t.aligned && i0 + kVec <= t.numel) {
-      V vec;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) vec.e[e] = D::store(__fadd_rn(__fmul_rn(alpha, x[v][e]), acc[v][e]));
-      store_global(reinterpret_cast<uint4*>(p + i0), vec.raw);
-    } else {
+    for (int v = 0; v < kNV; ++v) {
+      const int o = at<kVec, kGroups>(b, v);
+      V out;
 #pragma unroll
       for (int e = 0; e < kVec; ++e)
-        if (i0 + e < t.numel)
-          store_global(p + i0 + e, D::store(__fadd_rn(__fmul_rn(alpha, x[v][e]), acc[v][e])));
+        out.e[e] = D::store(__fadd_rn(__fmul_rn(alpha, D::load(x[b][v].e[e])), acc[v][e]));
+      if (aligned && o + kVec <= rem) {
+        store_global(reinterpret_cast<uint4*>(q + o), out.raw);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e)
+          if (o + e < rem) store_global(q + o + e, out.e[e]);
+      }
     }
+  }
+}
+
+// The owner of `tile`, given the owner k of an earlier tile of this block: 32 candidates per
+// round, one load per lane, and a ballot. A block's tiles only increase, so this is usually
+// one round of L1 hits, where a binary search per tile was a chain of ~log2(n) dependent
+// loads (9 at 388 tensors) with no data loads of the block in flight. Call with the whole
+// warp (the tile loop is uniform across the block).
+__device__ __forceinline__ int64_t advance_owner(const int64_t* tile_begin, int64_t n_tensors,
+                                                 int64_t k, int64_t tile) {
+  const int l = threadIdx.x % 32;
+  for (;;) {
+    const int64_t j = k + 1 + l;
+    // tile_begin[n_tensors] is the tile count, past every tile: lanes from there on say "past"
+    const bool past = j >= n_tensors || tile_begin[j] > tile;
+    const unsigned m = __ballot_sync(0xffffffffu, past);
+    if (m != 0) return k + (__ffs(m) - 1);  // the first tensor starting after `tile`, less one
+    k += 32;
   }
 }
 
@@ -149,17 +207,17 @@ constexpr int kMinBlocksPerSM = kDist == kGaussian ? 3 : 4;
 
 template <int kDist>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<kDist>)
-    noise_axpby_kernel(const void* table, int64_t n_tensors, int64_t n_seeds, int64_t n_tiles,
-                       const float* scales) {
-  const TableLayout layout = table_layout(n_tensors, n_seeds);
+    noise_axpby_kernel(const void* table, int64_t n_tensors, int64_t n_tiles,
+                       const uint64_t* seeds, int64_t n_seeds, const float* scales) {
   const char* base = static_cast<const char*>(table);
   const TensorEntry* entries = reinterpret_cast<const TensorEntry*>(base);
-  const int64_t* tile_begin = reinterpret_cast<const int64_t*>(base + layout.tile_begin);
-  const uint64_t* seeds = reinterpret_cast<const uint64_t*>(base + layout.seeds);
+  const int64_t* tile_begin =
+      reinterpret_cast<const int64_t*>(base + table_layout(n_tensors, 0).tile_begin);
+  int64_t k = tensor_of_tile(tile_begin, n_tensors, blockIdx.x);  // once per block
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const int64_t k = tensor_of_tile(tile_begin, n_tensors, tile);
+    k = advance_owner(tile_begin, n_tensors, k, tile);
     const TensorEntry t = entries[k];
-    const int64_t start = (tile - tile_begin[k]) * kTile;
+    const int64_t start = (tile - tile_begin[k]) * tile_elements(t.dtype);
     // the dtype is uniform across the block, so this branch never diverges
     if (t.dtype == kFloat32)
       tile_pass<F32, kDist>(t, start, seeds, n_seeds, scales);
@@ -170,24 +228,44 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<kDist>)
   }
 }
 
+// Blocks in one resident wave of `kernel` on the current device. The occupancy query costs
+// a few microseconds and its answer never changes for a device, so it is asked once per
+// device and distribution (the prepared path launches every pass, hundreds of times a step).
+cudaError_t wave_blocks(int distribution, const void* kernel, int* out) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices][2] = {};  // 0: not asked yet; a benign race (same answer)
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int* slot = device < kMaxDevices ? &cache[device][distribution] : nullptr;
+  if (slot != nullptr && *slot > 0) {
+    *out = *slot;
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  *out = sms * (per_sm > 0 ? per_sm : 1);
+  if (slot != nullptr) *slot = *out;
+  return cudaSuccess;
+}
+
 }  // namespace
 
-cudaError_t noise_axpby_launch(const void* table, int64_t n_tensors, int64_t n_seeds,
-                               int64_t n_tiles, const float* scales, int distribution,
-                               cudaStream_t stream) {
+cudaError_t noise_axpby_launch(const void* table, int64_t n_tensors, int64_t n_tiles,
+                               const uint64_t* seeds, int64_t n_seeds, const float* scales,
+                               int distribution, cudaStream_t stream) {
   if (distribution != kGaussian && distribution != kRademacher) return cudaErrorInvalidValue;
   if (n_tiles == 0) return cudaSuccess;
   const auto kernel =
       distribution == kGaussian ? noise_axpby_kernel<kGaussian> : noise_axpby_kernel<kRademacher>;
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  int wave = 0;
+  const cudaError_t err = wave_blocks(distribution, reinterpret_cast<const void*>(kernel), &wave);
   if (err != cudaSuccess) return err;
   // One resident wave: more blocks would only queue, fewer would leave SMs idle.
-  const int64_t wave = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const unsigned blocks = static_cast<unsigned>(n_tiles < wave ? n_tiles : wave);
-  kernel<<<blocks, kThreads, 0, stream>>>(table, n_tensors, n_seeds, n_tiles, scales);
+  kernel<<<blocks, kThreads, 0, stream>>>(table, n_tensors, n_tiles, seeds, n_seeds, scales);
   return cudaGetLastError();
 }
 
