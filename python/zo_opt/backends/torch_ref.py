@@ -6,8 +6,8 @@ from typing import Sequence
 
 import torch
 
-from .. import noise
-from .runner import list_runner
+from .. import exact, noise
+from .runner import exact_list_runner, list_runner
 
 
 class TorchBackend:
@@ -34,6 +34,9 @@ class TorchBackend:
 
     def prepare(self, params, offsets):
         return list_runner(self, params, offsets)
+
+    def prepare_exact(self, params, offsets):
+        return exact_list_runner(exact.exact_pass_, params, offsets)
 
 
 BACKEND = TorchBackend()

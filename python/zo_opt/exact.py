@@ -1,0 +1,226 @@
+"""Exact restore and stochastic rounding for low-precision parameters (docs/EXACT.md).
+
+The executable specification of the exact pass, in plain torch, that every backend matches
+bit for bit (Rademacher) or up to the float32 rounding of Box-Muller (Gaussian):
+
+* ``build_table(params, offsets, tau)``: the side table of the elements too small (or too
+  large, or not finite) for a one-byte code: ``chunk_base`` (int32, per 128-element chunk of
+  the group's global index range: how many such elements come before it) and ``bits`` (their
+  raw bits, int32, in global index order).
+* ``exact_pass_(...)``: one pass that first recovers theta exactly from the stored value,
+  the code and the old displacement, then stores the new value (and its code).
+* ``stochastic_round(y, dtype, words)``: float32 -> float16/bfloat16, rounding up with
+  probability equal to the distance from the value below over the gap (unbiased).
+* ``rounding_words(indices, seed)``: the random word of each element for that rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import noise
+
+CHUNK = 128  # table chunks: the alignment of every tensor's offset (NOISE.md)
+ESC = -128  # the code of an element whose theta lives in the side table
+RATIO = 32  # an element with |theta| >= |displacement| / RATIO takes a code, |code| <= 2*(RATIO+2)
+Z_MAX = {"gaussian": 5.8, "rademacher": 1.0}  # Box-Muller from 2^-24 <= u: |z| <= 5.77
+DTYPES = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.float16: (torch.int16, 0x7FFF),
+          torch.bfloat16: (torch.int16, 0x7FFF)}
+TABLE_SLICE = 1 << 22  # elements scanned at once when building the table (bounds the mask)
+
+
+def tau(eps: float, distribution: str) -> float:
+    """The smallest |theta| that takes a code for displacements of size eps, as float32."""
+    return float(torch.tensor(eps * Z_MAX[noise.check_distribution(distribution)] / RATIO,
+                              dtype=torch.float32))
+
+
+def big(dtype: torch.dtype) -> float:
+    """Above this |theta|, theta + eps*z could overflow to inf: such elements use the table."""
+    return torch.finfo(dtype).max / 2
+
+
+def special(theta: torch.Tensor, tau_: float, dtype: torch.dtype) -> torch.Tensor:
+    """Elements kept in the side table: |theta| < tau, |theta| > big, or not finite (float32
+    comparisons: NaN fails both, so it is special)."""
+    a = theta.float().abs()
+    return ~(a >= tau_) | (a > big(dtype))
+
+
+@dataclass
+class Table:
+    chunk_base: torch.Tensor  # int32 [n_chunks + 1]
+    bits: torch.Tensor  # int32 [n_special] (at least one entry: kernels take its pointer)
+    tau: float
+    count: int  # n_special
+
+
+def span(params: Sequence[torch.Tensor], offsets: Sequence[int]) -> tuple[int, int]:
+    """(first global index, number of indices) covered by a group: the codes' extent."""
+    base = offsets[0]
+    end = max(o + -(-p.numel() // CHUNK) * CHUNK for p, o in zip(params, offsets))
+    return base, end - base
+
+
+def raw_bits(flat: torch.Tensor) -> torch.Tensor:
+    """The bits of each element, zero-extended to int32."""
+    int_dtype, _ = DTYPES[flat.dtype]
+    bits = flat.view(int_dtype).to(torch.int32)
+    return bits if int_dtype == torch.int32 else bits & 0xFFFF
+
+
+def build_table(params: Sequence[torch.Tensor], offsets: Sequence[int], tau_: float) -> Table:
+    """The side table of a group (syncs once: the number of special elements)."""
+    base, n = span(params, offsets)
+    device = params[0].device
+    counts = torch.zeros(n // CHUNK, dtype=torch.int32, device=device)
+    bits = []
+    for p, o in zip(params, offsets):
+        flat = p.detach().reshape(-1)
+        for start in range(0, flat.numel(), TABLE_SLICE):
+            part = flat[start:start + TABLE_SLICE]
+            mask = special(part, tau_, p.dtype)
+            where = mask.nonzero().reshape(-1)
+            chunk = (o - base + start + where) // CHUNK
+            counts.index_add_(0, chunk, torch.ones_like(chunk, dtype=torch.int32))
+            bits.append(raw_bits(part[where]))
+    chunk_base = torch.cat([torch.zeros(1, dtype=torch.int32, device=device),
+                            torch.cumsum(counts, 0, dtype=torch.int32)])
+    flat_bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.int32, device=device)
+    count = flat_bits.numel()
+    if count == 0:
+        flat_bits = torch.zeros(1, dtype=torch.int32, device=device)
+    return Table(chunk_base=chunk_base, bits=flat_bits, tau=tau_, count=count)
+
+
+# -- rounding ---------------------------------------------------------------------------------
+
+def rounding_words(indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """The random 32-bit word of each global index: word ``g & 3`` of Philox(seed, g >> 2)
+    (the Gaussian counter layout, under the rounding stream's own seed)."""
+    g = indices.to(torch.int64)
+    j = g >> 2
+    w = torch.stack(noise.philox4x32(j & noise.MASK32, j >> 32, seed))
+    return w.gather(0, (g & 3).unsqueeze(0)).squeeze(0)
+
+
+def _mag(bits: torch.Tensor, mask: int) -> torch.Tensor:
+    return bits & mask
+
+
+def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 raw bits -> values of ``dtype`` (bits above the dtype's width are ignored)."""
+    int_dtype, _ = DTYPES[dtype]
+    if int_dtype == torch.int32:
+        return bits.view(torch.float32) if dtype == torch.float32 else bits.view(dtype)
+    return ((bits & 0xFFFF) - ((bits & 0x8000) << 1)).to(torch.int16).view(dtype)
+
+
+def round_nearest(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 -> dtype, round to nearest even (torch's conversion)."""
+    return y.to(dtype)
+
+
+def stochastic_round(y: torch.Tensor, dtype: torch.dtype, words: torch.Tensor) -> torch.Tensor:
+    """float32 ``y`` -> 16-bit ``dtype``: the neighbour away from zero with probability
+    (|y| - |lo|) / (|hi| - |lo|), where lo is y rounded toward zero, else lo. Every quantity
+    compared is exact in float32 (a difference of neighbours, a 24-bit u times a power of
+    two), so every backend takes the same branch. Non-finite y rounds to nearest."""
+    int_dtype, mask = DTYPES[dtype]
+    r = raw_bits(round_nearest(y, dtype))
+    ay = y.abs()
+    over = round_nearest(y, dtype).float().abs() > ay  # rounded away from zero: step back
+    lo = torch.where(over, r - 1, r)  # same sign, one step toward zero in magnitude
+    hi = lo + 1
+    lo_f, hi_f = _from_bits(lo, dtype).float().abs(), _from_bits(hi, dtype).float().abs()
+    u = (words >> 8).to(torch.float32) * 2.0**-24
+    up = (ay - lo_f) > u * (hi_f - lo_f)
+    out = torch.where(up, hi, lo)
+    return _from_bits(torch.where(torch.isfinite(y), out, r), dtype)
+
+
+# -- the exact pass ---------------------------------------------------------------------------
+
+def _sum(idx: torch.Tensor, seeds: Sequence[int], coeffs: torch.Tensor, distribution: str) -> torch.Tensor:
+    acc = torch.zeros(idx.numel(), dtype=torch.float32, device=idx.device)
+    for seed, c in zip(seeds, coeffs):
+        acc = acc + c * noise.noise_at(idx, seed, distribution).to(torch.float32)
+    return acc
+
+
+def _exclusive_count_in_chunk(mask: torch.Tensor) -> torch.Tensor:
+    """For each element, how many masked elements precede it in its 128-element chunk."""
+    n = mask.numel()
+    padded = torch.zeros(-(-n // CHUNK) * CHUNK, dtype=torch.int32, device=mask.device)
+    padded[:n] = mask.to(torch.int32)
+    rows = padded.view(-1, CHUNK)
+    return (torch.cumsum(rows, 1, dtype=torch.int32) - rows).reshape(-1)[:n]
+
+
+@torch.no_grad()
+def exact_pass_(params: Sequence[torch.Tensor], offsets: Sequence[int], seeds: Sequence[int],
+                scales: torch.Tensor, n_old: int, codes: torch.Tensor, code_base: int,
+                table: Table, *, encode: bool, rounding_seed: int | None,
+                distribution: str) -> None:
+    """One exact pass over float32/float16/bfloat16 ``params`` (global ``offsets``).
+
+    ``scales = [alpha, a_1..a_n_old, c_1..c_m]`` (float32) pairs with ``seeds``: the first
+    ``n_old`` seeds give the old displacement ``s_old = sum_i a_i z_i`` and the rest the new
+    one ``s_new = sum_j c_j z_j`` (each sum accumulated from 0 in seed order, in float32).
+    Per element, with D the dtype, RN round-to-nearest-even and codes indexed by
+    ``g - code_base``:
+
+        theta = p                                       if n_old == 0
+              = table.bits[chunk_base[c] + #ESC before it in its chunk]   if code == ESC
+              = sign(t) | (mag(t) + code),  t = RN_D(p - s_old)           otherwise
+        p     = RN_D(alpha * theta + s_new)   (stochastic rounding with rounding_seed; the add
+                                               is skipped where s_new == 0, so -0 stays -0)
+        code  = ESC if special(theta) else mag(theta) - mag(RN_D(p - s_new))   if encode
+
+    ``encode`` needs alpha == 1 and no stochastic rounding (the stored value must be the
+    round-to-nearest of theta + s_new for the next pass to undo it).
+    """
+    coeffs = scales.to(torch.float32).cpu()
+    alpha, old, new = coeffs[0], coeffs[1:1 + n_old], coeffs[1 + n_old:]
+    if encode and (float(alpha) != 1.0 or rounding_seed is not None):
+        raise ValueError("encode needs alpha == 1 and round-to-nearest stores")
+    for p, o in zip(params, offsets):
+        if p.numel() == 0:
+            continue
+        dtype = p.dtype
+        _, mask = DTYPES[dtype]
+        flat = p.reshape(-1)
+        idx = torch.arange(flat.numel(), device=p.device, dtype=torch.int64) + o
+        x = flat.float()
+        s_new = _sum(idx, seeds[n_old:], new.to(p.device), distribution)
+        pos = idx - code_base
+        if n_old == 0:
+            theta_bits = raw_bits(flat)
+            esc = special(flat, table.tau, dtype)
+        else:
+            s_old = _sum(idx, seeds[:n_old], old.to(p.device), distribution)
+            code = codes[pos].to(torch.int32)
+            esc = code == ESC
+            t = raw_bits(round_nearest(x - s_old, dtype))
+            sign = t & ~mask
+            decoded = sign | (_mag(t, mask) + code)
+            chunk = pos // CHUNK
+            slot = table.chunk_base[chunk].to(torch.int64) + _exclusive_count_in_chunk(esc)
+            looked_up = table.bits[torch.where(esc, slot, torch.zeros_like(slot))]
+            theta_bits = torch.where(esc, looked_up, decoded)
+        theta = _from_bits(theta_bits, dtype).float()
+        y = alpha.to(p.device) * theta
+        y = torch.where(s_new == 0, y, y + s_new)  # -0 + 0 would be +0: keep theta's sign
+        if rounding_seed is not None and dtype != torch.float32:
+            out = stochastic_round(y, dtype, rounding_words(idx, rounding_seed))
+        else:
+            out = round_nearest(y, dtype)
+        if encode:
+            t2 = raw_bits(round_nearest(out.float() - s_new, dtype))
+            k = _mag(theta_bits, mask) - _mag(t2, mask)
+            if bool(((k.abs() > 127) & ~esc).any()):  # the bound of docs/EXACT.md broken
+                raise AssertionError("exact_pass_: a code out of range; tau is too small")
+            codes[pos] = torch.where(esc, torch.full_like(k, ESC), k).to(torch.int8)
+        flat.copy_(out)
