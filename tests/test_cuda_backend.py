@@ -17,6 +17,7 @@ import torch
 
 import zo_opt
 from zo_opt import backends, noise
+from zo_opt.backends.cpu import as_int64
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -178,6 +179,64 @@ def test_unavailable_without_cuda_says_why():
     assert not cuda.supports(torch.zeros(3))
 
 
+def test_prepared_ops_have_schemas():
+    """The prepared path's ops are defined in every build (their kernels only with CUDA)."""
+    from zo_opt import _extension
+
+    if _extension.load() is not None:
+        pytest.skip(f"extension not loadable here: {_extension.load()}")
+    assert str(torch.ops.zo_opt.cuda_table.default._schema) == (
+        "zo_opt::cuda_table(Tensor[] params, int[] offsets) -> (Tensor, int)")
+    assert str(torch.ops.zo_opt.noise_axpby_table_.default._schema) == (
+        "zo_opt::noise_axpby_table_(Tensor table, int n_tensors, int n_tiles, Tensor seeds, "
+        "Tensor scales, str distribution) -> ()")
+
+
+class _FakeOps:
+    """Stands in for torch.ops.zo_opt in the prepared object's plumbing test (CPU tensors)."""
+
+    def __init__(self):
+        self.built, self.launched = [], []
+
+        def launch(*args):
+            self.launched.append(args)
+
+        self.noise_axpby_table_ = type("Op", (), {"default": staticmethod(launch)})()
+
+    def cuda_table(self, params, offsets):
+        self.built.append(([p.data_ptr() for p in params], list(offsets)))
+        return torch.zeros(8, dtype=torch.uint8), 7 * len(params)
+
+
+def test_prepared_plumbing_without_a_gpu(monkeypatch):
+    """Empty tensors left out of the table (with their offsets), one launch per run with the
+    table's counts, nothing launched for an all-empty list, and matches() catching a replaced
+    storage or a resized view while the old storage stays alive."""
+    from zo_opt.backends import cuda as cuda_mod
+
+    fake = _FakeOps()
+    monkeypatch.setattr(cuda_mod.torch, "ops", type("Ops", (), {"zo_opt": fake})())
+    params = [torch.zeros(5), torch.empty(0), torch.zeros(3), torch.empty(0)]
+    prepared = cuda_mod.BACKEND.prepare(params, [0, 128, 128, 256])
+    assert fake.built == [([params[0].data_ptr(), params[2].data_ptr()], [0, 128])]
+    assert (prepared.n_tensors, prepared.n_tiles) == (2, 14)
+    seeds, scales = torch.zeros(2, dtype=torch.int64), torch.zeros(3)
+    prepared(seeds, scales, "gaussian")
+    assert len(fake.launched) == 1 and fake.launched[0][1:] == (2, 14, seeds, scales, "gaussian")
+    assert prepared.matches(params) and prepared.matches(tuple(params))
+    assert not prepared.matches(params[:3])
+    old_ptr = params[2].data_ptr()
+    params[2].data = torch.ones(3)
+    assert not prepared.matches(params)
+    assert any(t.data_ptr() == old_ptr for t in prepared._storages)  # old storage kept alive
+    params[2].data = prepared._storages[1]  # the same storage back: matches again
+    assert prepared.matches(params)
+    assert not prepared.matches([params[0][:4], *params[1:]])  # same start, another size
+    none = cuda_mod.BACKEND.prepare([torch.empty(0)], [0])
+    none(seeds[:0], scales[:1], "rademacher")
+    assert len(fake.built) == 1 and len(fake.launched) == 1
+
+
 # --- GPU (-m gpu) ----------------------------------------------------------------------------
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -320,16 +379,136 @@ def test_matches_triton_backend(cuda, distribution, dtype):
         assert_same(params, want, distribution, 1e-3)
 
 
+def prepared_call(cuda, params, seeds, scales, distribution, base=0):
+    offsets = [base + o for o in noise.offsets([p.numel() for p in params])]
+    run = cuda.prepare(params, offsets)
+    run(torch.tensor([as_int64(s) for s in seeds], dtype=torch.int64, device="cuda"),
+        torch.tensor(scales, dtype=torch.float32, device="cuda"), distribution)
+    return run
+
+
+def ragged_mixed(dtype=None, seed=0):
+    """Every dtype in one list unless one is given (tiles are 4096 float32 or 8192 16-bit
+    elements), unaligned views, empty tensors, and more than 32 tensors in a row smaller than
+    a tile (the kernel's tile walk advances 32 tensors per round)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dtypes = [dtype] if dtype else DTYPES
+    storage = torch.randn(20_001, generator=g, device="cuda")
+    out = []
+    for i, n in enumerate([1, 3, 127, 129, 4095, 4097, 8191, 8193, 16385, 768 * 3072 + 5]):
+        out.append(torch.randn(n, generator=g, device="cuda").to(dtypes[i % len(dtypes)]))
+    out += [storage[1:8194].to(dtypes[-1])[1:], storage[2:4100].to(dtypes[0])[1:]]  # off 16 B
+    out += [torch.empty(0, device="cuda", dtype=dtypes[0])] * 40
+    out += [torch.randn(1 + 37 * i % 300, generator=g, device="cuda").to(dtypes[i % len(dtypes)])
+            for i in range(70)]
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", [None, *DTYPES], ids=["mixed", "f32", "f16", "bf16"])
+@pytest.mark.parametrize("q", [1, 3])
+def test_prepared_matches_list_op_and_reference(cuda, distribution, dtype, q):
+    """The prepared launch, the list op and the torch backend on the same ragged list: the
+    two CUDA paths bit for bit (one kernel), the reference as in the other tests."""
+    params = ragged_mixed(dtype)
+    assert any(p.data_ptr() % 16 for p in params)
+    for seed in (0, 2**64 - 1):  # the second round starts from the first's result
+        listed, want = [p.clone() for p in params], [p.clone() for p in params]
+        seeds = [seed ^ (0x9E3779B97F4A7C15 * i % 2**64) for i in range(q)]
+        scales = [0.75] + [(-1) ** i * 1e-2 * (i + 1) for i in range(q)]
+        prepared_call(cuda, params, seeds, scales, distribution, base=2**34 - 2048)
+        call(cuda, listed, seeds, scales, distribution, base=2**34 - 2048)
+        call(backends.BACKENDS["torch"], want, seeds, scales, distribution, base=2**34 - 2048)
+        for got, lst in zip(params, listed):
+            assert torch.equal(got, lst)
+        assert_same(params, want, distribution, sum(map(abs, scales[1:])))
+
+
+@pytest.mark.gpu
+def test_prepared_run_does_not_sync(cuda):
+    """A prepared pass: metadata checks and one launch; sync debug mode would raise on a
+    blocking copy or a device->host read."""
+    params = random_params(torch.bfloat16, [(4097,), (768, 3072)]) + random_params(torch.float32, [(129,)])
+    run = cuda.prepare(params, noise.offsets([p.numel() for p in params]))
+    seeds = torch.tensor([as_int64(2**64 - 1), 5], dtype=torch.int64, device="cuda")
+    scales = torch.tensor([1.0, 1e-3, -1e-3], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for dist in noise.DISTRIBUTIONS:
+            run(seeds, scales, dist)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_prepared_runs_replay_in_a_cuda_graph(cuda, distribution):
+    """Two prepared passes (perturb +eps z, then -2 eps z with another alpha) captured once and
+    replayed with new seeds and scales written into the captured buffers: the same bits as
+    the same passes run eagerly."""
+    params = ragged_mixed(seed=3)
+    eager = [p.clone() for p in params]
+    offsets = noise.offsets([p.numel() for p in params])
+    run, run_eager = cuda.prepare(params, offsets), cuda.prepare(eager, offsets)
+    seeds = torch.zeros(2, dtype=torch.int64, device="cuda")
+    s1, s2 = torch.zeros(3, device="cuda"), torch.zeros(3, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (first launch, occupancy query) off the capture
+        for r in (run, run_eager):
+            r(seeds, torch.tensor([0.5, 1e-3, 0.0], device="cuda"), distribution)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(seeds, s1, distribution)
+        run(seeds, s2, distribution)
+    for step in range(3):
+        values = [as_int64(noise.direction_seed(11, step, i)) for i in range(2)]
+        a = [1.0, 1e-3 * (step + 1), -5e-4]
+        b = [0.999, -2e-3 * (step + 1), 1e-3]
+        seeds.copy_(torch.tensor(values, device="cuda"))
+        s1.copy_(torch.tensor(a, device="cuda"))
+        s2.copy_(torch.tensor(b, device="cuda"))
+        graph.replay()
+        sd = torch.tensor(values, dtype=torch.int64, device="cuda")
+        run_eager(sd, torch.tensor(a, device="cuda"), distribution)
+        run_eager(sd, torch.tensor(b, device="cuda"), distribution)
+        torch.cuda.synchronize()
+        for got, want in zip(params, eager):
+            assert torch.equal(got, want), (step, got.dtype, got.shape)
+
+
+@pytest.mark.gpu
+def test_prepared_notices_replaced_storage(cuda):
+    params = random_params(torch.float32, [(4097,), (33, 129)])
+    run = cuda.prepare(params, noise.offsets([p.numel() for p in params]))
+    assert run.matches(params)
+    params[1].data = params[1].data.clone()
+    assert not run.matches(params)
+
+
 SANITIZED = """
 import torch
 from zo_opt import backends, noise
 cuda = backends.BACKENDS["cuda"]
-storage = torch.randn(9000, device="cuda")
+# unavailable_reason() loads the extension (registers torch.ops.zo_opt) before any op call
+reason = cuda.unavailable_reason()
+assert reason is None, reason
+storage = torch.randn(20000, device="cuda")
+seeds = torch.tensor([1, 2], dtype=torch.int64, device="cuda")
+scales = torch.tensor([1.0, 0.1, 0.2], device="cuda")
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    params = [storage[1:4098].to(dtype), torch.randn(4097, device="cuda").to(dtype), storage[5001:5128]]
+    # a view off 16-byte alignment, tiles' ragged ends, a tensor of less than one vector
+    params = [storage[1:8195].to(dtype)[1:], torch.randn(8193, device="cuda").to(dtype),
+              storage[5001:5128].to(dtype), torch.randn(3, device="cuda").to(dtype)]
+    offsets = noise.offsets([p.numel() for p in params])
+    run = cuda.prepare(params, offsets)
     for dist in noise.DISTRIBUTIONS:
-        cuda.noise_axpby_(params, noise.offsets([p.numel() for p in params]), [1, 2],
-                          torch.tensor([1.0, 0.1, 0.2], device="cuda"), dist)
+        cuda.noise_axpby_(params, offsets, [1, 2], scales, dist)
+        run(seeds, scales, dist)
 torch.cuda.synchronize()
 print("sanitized run ok")
 """
