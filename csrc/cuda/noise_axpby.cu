@@ -59,11 +59,37 @@ union Vec16 {
 };
 
 // Explicitly global accesses: the tensor table hands the kernel generic pointers, and plain
-// dereferences of those compile to generic loads/stores instead of LDG/STG.
-template <typename T>
-__device__ __forceinline__ T load_global(const T* p) { return __ldca(p); }
-template <typename T>
-__device__ __forceinline__ void store_global(T* p, T v) { __stwb(p, v); }
+// dereferences of those compile to generic loads/stores instead of LDG/STG. Plain ld/st.global
+// (weak, default caching: LDG.E.128 / STG.E.128, what torch's copy kernels issue) rather than
+// __ldca/__stwb, whose explicit cache operators compile to strong (STRONG.SM) accesses that
+// this pass has no use for: every element is read and written by one thread only. volatile
+// keeps the loads where they are written, ahead of the noise work.
+__device__ __forceinline__ uint4 load_global(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float load_global(const float* p) {
+  float v;
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint16_t load_global(const uint16_t* p) {
+  unsigned short v;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void store_global(uint4* p, uint4 v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+__device__ __forceinline__ void store_global(float* p, float v) {
+  asm volatile("st.global.f32 [%0], %1;" :: "l"(p), "f"(v) : "memory");
+}
+__device__ __forceinline__ void store_global(uint16_t* p, uint16_t v) {
+  asm volatile("st.global.u16 [%0], %1;" :: "l"(p), "h"(static_cast<unsigned short>(v)) : "memory");
+}
 
 __device__ __forceinline__ uint32_t pick(const Words4& w, int i) {
   return i == 0 ? w.w0 : i == 1 ? w.w1 : i == 2 ? w.w2 : w.w3;
