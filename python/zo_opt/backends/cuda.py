@@ -32,11 +32,11 @@ class PreparedCuda:
     ``[alpha, c_1 .. c_q]``. Each call does ``params[k] = alpha * params[k] + sum_i c_i *
     z_k(seeds[i])`` in one launch on the current stream.
 
-    The table holds the params' data pointers. The object keeps the tensors it was built from
-    alive (and their storages, even if a parameter's ``.data`` is later replaced, so a new
-    storage can never land at an old address); ``matches(params)`` says whether the list
-    still has the same storages, and a caller re-prepares when it does not. Empty tensors
-    are left out of the table (they own no work).
+    The table holds the params' data pointers. The object keeps the storages it was built
+    from alive, even if a parameter's ``.data`` is later replaced (so the table never points
+    at freed memory, and a new storage can never land at an old address); ``matches(params)``
+    says whether the list still has the same storages, and a caller re-prepares when it does
+    not. Empty tensors are left out of the table (they own no work).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
