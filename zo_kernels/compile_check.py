@@ -1,11 +1,13 @@
 """Compiles every variant of the kernels for a CUDA target without a GPU (ptxas included).
 
-    python -m zo_kernels.compile_check [arch]     # prints one JSON line per variant
+    python -m zo_kernels.compile_check [arch]         # prints one JSON line per variant
+    python -m zo_kernels.compile_check [arch] exact   # the same for the exact pass (exact.py)
 
 Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a subprocess).
 Each line reports what a reviewer would grep the PTX for: approximate math instructions
 (the noise contract forbids them) and the global load/store widths (interior tiles should
-use 16-byte vectors when the tensors are aligned).
+use 16-byte vectors when the tensors are aligned), and for the exact kernel, which is
+compiled with enable_fp_fusion=False, the fma instructions (only libdevice's own may remain).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import noise_axpby
+from . import exact, noise_axpby
 from .tensor_table import VECTOR_BYTES
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -47,14 +49,64 @@ def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
             "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx)))}
 
 
-def main(arch: int = 90) -> None:
+# The exact kernel's variants: (name, DECODE, PAIR, ENCODE, ROUNDING, aligned)
+EXACT_VARIANTS = (("first", False, False, True, False, False),  # a=0 -> +eps z, encode
+                  ("restore_perturb", True, True, True, False, True),  # the middle passes
+                  ("update_sr", True, False, False, True, True))  # the last pass, rounding
+EXACT_POINTER_ARGS = ("base_ptr", "rows_ptr", "block_map_ptr", "seeds_ptr", "scales_ptr",
+                      "codes_ptr", "chunk_base_ptr", "bits_ptr")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compiler.ASTSource:
+    import torch
+
+    kernel = exact.exact_kernel
+    _, decode, pair, encode, rounding, aligned = variant
+    signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
+                 "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_old": "i32", "n_new": "i32",
+                 "codes_ptr": "*i8", "code_base": "i64", "chunk_base_ptr": "*i32",
+                 "bits_ptr": "*i32", "tau": "fp32"}
+    constexprs = {"DECODE": decode, "PAIR": pair, "ENCODE": encode, "ROUNDING": rounding,
+                  "RADEMACHER": rademacher, "LIBDEVICE": True, "ALIGNED": aligned,
+                  "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype],
+                  "BIG": exact.BIGS[getattr(torch, TORCH_DTYPES[dtype])],
+                  "BLOCK": noise_axpby.BLOCK}
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16
+             for name in (*EXACT_POINTER_ARGS, "code_base")}  # code_base: a multiple of 128
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                     attrs=attrs)
+
+
+def exact_report(dtype: str, rademacher: bool, variant: tuple, arch: int) -> dict:
+    compiled = triton.compile(exact_source(dtype, rademacher, variant),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": noise_axpby.NUM_WARPS,
+                                       "enable_fp_fusion": False})
+    ptx = compiled.asm["ptx"]
+    return {"kernel": "exact", "variant": variant[0], "dtype": dtype, "rademacher": rademacher,
+            "aligned": variant[5], "arch": arch, "cubin_bytes": len(compiled.asm["cubin"]),
+            "approx": sorted(set(re.findall(r"\b\w+\.approx[\w.]*", ptx))),
+            "fma": sorted(set(re.findall(r"\bfma\.[\w.]*", ptx))),
+            "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
+            "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx)))}
+
+
+def main(arch: int = 90, which: str = "noise") -> None:
     if noise_axpby.INTERPRETED:
         sys.exit("compile_check needs the compiler: unset TRITON_INTERPRET")
     for dtype in ELEMENT_BYTES:
         for rademacher in (False, True):
+            if which == "exact":  # every pass kind in bfloat16, the middle passes in all
+                for variant in EXACT_VARIANTS:
+                    if dtype == "bf16" or variant[0] == "restore_perturb":
+                        print(json.dumps(exact_report(dtype, rademacher, variant, arch)),
+                              flush=True)
+                continue
             for aligned in (True, False):
                 print(json.dumps(report(dtype, rademacher, aligned, arch)), flush=True)
 
 
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:]))
+    main(*(int(a) if a.isdigit() else a for a in sys.argv[1:]))

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from zo_kernels import exact as exact_kernels
 from zo_kernels import noise_axpby as kernels
 
 
@@ -33,6 +34,10 @@ class TritonBackend:
 
     def prepare(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
         return kernels.prepare(params, offsets)
+
+    def prepare_exact(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
+        """The exact pass of docs/EXACT.md (zo_kernels/exact.py): launch-only, capturable."""
+        return exact_kernels.prepare_exact(params, offsets)
 
 
 BACKEND = TritonBackend()

@@ -1,0 +1,325 @@
+"""The exact pass's Triton kernel (zo_kernels/exact.py) against its torch reference
+(zo_opt.exact.exact_pass_), element by element: Rademacher bit for bit (params and codes),
+Gaussian within the float32 rounding of Box-Muller; whole central schedules back to the
+start bit for bit; stochastic rounding bit-equal to the reference.
+
+Without a GPU the kernel runs under TRITON_INTERPRET=1 (conftest.py) on small CPU tensors.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zo_opt import exact, noise
+from zo_opt.backends import BACKENDS
+
+pytestmark = [pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed"),
+              # the interpreter's numpy warns on inf - inf (a NaN gap, as in the reference)
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+from zo_kernels import exact as kernel  # noqa: E402  (after the skip: needs triton)
+from zo_kernels import noise_axpby  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DISTS = noise.DISTRIBUTIONS
+EPS = 2.0**-10
+INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def device():
+    return torch.device("cpu" if noise_axpby.INTERPRETED else "cuda")
+
+
+def make_params(sizes, dtypes, seed=0, specials=True):
+    """N(0, 0.02) weights; the first tensors start with the values the side table is for."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k, (n, dt) in enumerate(zip(sizes, dtypes)):
+        x = torch.randn(n, generator=gen) * 0.02
+        if specials:
+            big = torch.finfo(dt).max
+            vals = torch.tensor([0.0, -0.0, 1e-8, -3e-6, 1e-40, float("nan"), float("inf"),
+                                 -float("inf"), big, -big * 0.75, big * 0.4, EPS, -EPS / 40,
+                                 1.0, -2.5])
+            vals = vals[torch.randperm(len(vals), generator=gen)]
+            m = min(n, len(vals))
+            # scatter them over the tensor (several in one 128-chunk, at chunk ends too)
+            where = torch.randperm(n, generator=gen)[:m]
+            x[where] = vals[:m]
+        out.append(x.to(dt).to(device()))
+    return out
+
+
+def bits(t):
+    return t.view(INT[t.dtype])
+
+
+def same_bits(a, b):
+    """Bit-equal, except that any NaN equals any NaN (payloads of rounded NaNs differ)."""
+    nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    return bool(((bits(a) == bits(b)) | nan).all())
+
+
+def close(a, b, dt):
+    """Gaussian: the same up to a few ulps of the stored dtype (z differs by float32 rounding)."""
+    af, bf = a.float().cpu(), b.float().cpu()
+    nan = torch.isnan(af) & torch.isnan(bf)
+    tol = 4 * torch.finfo(dt).eps * bf.abs() + 8 * EPS * 2e-5 + 1e-30
+    return bool((nan | (af == bf) | ((af - bf).abs() <= tol)).all())
+
+
+class Pair:
+    """The kernel on ``params`` and the reference on copies of them, pass by pass."""
+
+    def __init__(self, params, offsets, distribution):
+        self.k, self.r = params, [p.clone() for p in params]
+        self.offsets, self.dist = offsets, distribution
+        self.base, n = exact.span(params, offsets)
+        self.kc = torch.zeros(n, dtype=torch.int8, device=device())
+        self.rc = self.kc.clone()
+        self.run = kernel.prepare_exact(params, offsets)
+        self.table = None
+
+    def new_table(self):
+        """Built at the start of a step from theta (the two sides hold the same theta)."""
+        self.table = exact.build_table(self.k, self.offsets, exact.tau(EPS, self.dist))
+
+    def step(self, seeds, scales, n_old, encode, rounding_seed=None):
+        scales = torch.tensor(scales, dtype=torch.float32, device=device())
+        all_seeds = list(seeds) + ([rounding_seed] if rounding_seed is not None else [])
+        dev_seeds = torch.tensor([noise_axpby.as_int64(s) for s in all_seeds] or [0],
+                                 dtype=torch.int64, device=device())[:len(all_seeds)]
+        self.run(dev_seeds, scales, n_old, self.kc, self.base, self.table, encode,
+                 rounding_seed is not None, self.dist)
+        exact.exact_pass_(self.r, self.offsets, list(seeds), scales, n_old, self.rc, self.base,
+                          self.table, encode=encode, rounding_seed=rounding_seed,
+                          distribution=self.dist)
+
+    def check(self, what=""):
+        for i, (a, b) in enumerate(zip(self.k, self.r)):
+            if self.dist == "rademacher":
+                assert same_bits(a, b), f"{what}: tensor {i} ({a.dtype})"
+            else:
+                assert close(a, b, a.dtype), f"{what}: tensor {i} ({a.dtype})"
+        if self.dist == "rademacher":
+            assert torch.equal(self.kc, self.rc), f"{what}: codes"
+        else:  # the same ESC set; other codes may differ where z rounded differently
+            assert torch.equal(self.kc == exact.ESC, self.rc == exact.ESC), f"{what}: ESC"
+            if all(p.element_size() == 2 for p in self.k):  # in float32, z's last-bit
+                diff = (self.kc.int() - self.rc.int()).abs().max()  # differences are many ulps
+                assert diff <= 4, f"{what}: codes differ by {diff}"
+
+
+def central_schedule(pair, seeds, lr_g=(), alpha=1.0, rounding_seed=None, check=True):
+    """a=0 -> +eps z_1 -> -eps z_1 -> +eps z_2 -> ... -> -eps z_q -> the update."""
+    pair.new_table()
+    pair.step([seeds[0]], [1.0, EPS], 0, True)
+    check and pair.check("first")
+    for i, s in enumerate(seeds):
+        pair.step([s, s], [1.0, EPS, -EPS], 1, True)
+        check and pair.check(f"+- {i}")
+        if i + 1 < len(seeds):
+            pair.step([s, seeds[i + 1]], [1.0, -EPS, EPS], 1, True)
+            check and pair.check(f"-+ {i}")
+    coeffs = list(lr_g)
+    pair.step([seeds[-1], *seeds[:len(coeffs)]], [alpha, -EPS, *coeffs], 1, False, rounding_seed)
+    check and pair.check("last")
+
+
+# --- against the reference -----------------------------------------------------------------
+
+@pytest.mark.parametrize("distribution", DISTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_schedule_matches_reference_and_restores(dtype, distribution):
+    """Ragged sizes (one with an interior tile) with zeros, -0, tiny, subnormal, NaN, inf
+    and huge values: every pass as the reference (Rademacher bit for bit, params and codes),
+    and at lr = 0 the parameters come back bit for bit (both distributions: the kernel's
+    decode undoes its own encode)."""
+    sizes = (3, 129, 4096 + 300)
+    params = make_params(sizes, [dtype] * len(sizes))
+    start = [p.clone() for p in params]
+    pair = Pair(params, noise.offsets(sizes), distribution)
+    central_schedule(pair, [5, 2**64 - 1])
+    for p, s in zip(params, start):
+        assert torch.equal(bits(p), bits(s))  # NaN payloads included (from the table)
+    assert (pair.kc == exact.ESC).sum() >= 15  # the table was exercised
+
+
+@pytest.mark.parametrize("distribution", DISTS)
+def test_mixed_dtypes_in_one_call(distribution):
+    """Tensors of three dtypes in one run (one launch per dtype, one codes buffer), a step
+    with two directions and an update with weight decay."""
+    sizes = (130, 7, 300, 513)
+    dtypes = (torch.bfloat16, torch.float32, torch.float16, torch.bfloat16)
+    params = make_params(sizes, dtypes, seed=1)
+    pair = Pair(params, noise.offsets(sizes), distribution)
+    central_schedule(pair, [11, 2**33 + 1], lr_g=[-1e-3, 2.5e-4], alpha=1 - 1e-4)
+
+
+@pytest.mark.parametrize("distribution", DISTS)
+@pytest.mark.parametrize("base_offset", [2**34 - 256, 2**39 - 1024])
+def test_counters_above_2_32(distribution, base_offset):
+    """Gaussian counters pass 2^32 at index 2^34, Rademacher ones at 2^39; the codes are
+    indexed from code_base = the first offset."""
+    sizes = (129, 1000, 3)
+    params = make_params(sizes, [torch.bfloat16] * 3, seed=2)
+    offsets = [base_offset + o for o in noise.offsets(sizes)]
+    pair = Pair(params, offsets, distribution)
+    start = [p.clone() for p in params]
+    central_schedule(pair, [2**40 + 3])
+    for p, s in zip(params, start):
+        assert torch.equal(bits(p), bits(s))
+
+
+def test_many_old_and_new_seeds():
+    """The general path (not one old and one new seed): two old, three new seeds, then
+    three old, no new (the restore after a failed closure)."""
+    sizes = (200, 1000)
+    params = make_params(sizes, [torch.bfloat16, torch.float16], seed=3)
+    start = [p.clone() for p in params]
+    pair = Pair(params, noise.offsets(sizes), "rademacher")
+    pair.new_table()
+    pair.step([1, 2], [1.0, EPS, EPS / 2], 0, True)
+    pair.check("first")
+    pair.step([1, 2, 3, 4, 5], [1.0, EPS, EPS / 2, EPS, -EPS / 4, EPS / 8], 2, True)
+    pair.check("middle")
+    pair.step([3, 4, 5], [1.0, EPS, -EPS / 4, EPS / 8], 3, False)
+    pair.check("restore")
+    for p, s in zip(params, start):
+        assert torch.equal(bits(p), bits(s))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stochastic_rounding_matches_reference(dtype):
+    """The last pass with stochastic rounding (rounding seed last): bit for bit the
+    reference's. The update is ~0.3 ulp of a typical weight: round to nearest would drop
+    most of it, stochastic rounding moves many (16-bit) weights."""
+    sizes = (4096 + 5,)
+    params = make_params(sizes, [dtype], seed=4)
+    start = [p.clone() for p in params]
+    pair = Pair(params, noise.offsets(sizes), "rademacher")
+    rseed = noise.direction_seed(7, 3, 2**64 - 1)
+    ulp = float(torch.finfo(dtype).eps)
+    central_schedule(pair, [9], lr_g=[0.3 * ulp * 0.02], rounding_seed=rseed)
+    moved = (bits(params[0]) != bits(start[0])).float().mean()
+    if dtype != torch.float32:
+        assert moved > 0.1, moved
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_stochastic_rounding_without_old_seeds(dtype):
+    """n_old = 0 with a rounding seed: a plain update stored with stochastic rounding, on
+    values that include ties, neighbours of zero and of the largest finite value."""
+    gen = torch.Generator().manual_seed(5)
+    fin = torch.finfo(dtype)
+    x = torch.cat([torch.randn(600, generator=gen), torch.tensor(
+        [0.0, -0.0, fin.tiny, -fin.tiny, fin.max, -fin.max, float("inf"), float("nan")])])
+    params = [x.to(dtype).to(device())]
+    pair = Pair(params, [0], "rademacher")
+    pair.new_table()
+    pair.step([3], [0.999, fin.eps / 3], 0, False, rounding_seed=2**63 + 17)
+    pair.check("sr update")
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_gaussian_stochastic_rounding_close(dtype):
+    sizes = (257,)
+    params = make_params(sizes, [dtype], seed=6)
+    pair = Pair(params, [0], "gaussian")
+    central_schedule(pair, [4], lr_g=[1e-5], rounding_seed=99)
+
+
+# --- the runner ------------------------------------------------------------------------------
+
+def test_backend_and_checks():
+    params = [torch.zeros(130, device=device())]
+    assert hasattr(BACKENDS["triton"], "prepare_exact")
+    with pytest.raises(ValueError):
+        kernel.prepare_exact(params, [64])  # offsets must be 128-aligned
+    run = kernel.prepare_exact(params, [0])
+    table = exact.build_table(params, [0], exact.tau(EPS, "rademacher"))
+    codes = torch.zeros(256, dtype=torch.int8, device=device())
+    seeds = torch.tensor([1, 2], dtype=torch.int64, device=device())
+    scales = torch.tensor([1.0, EPS], device=device())
+    with pytest.raises(ValueError):  # encode with stochastic rounding
+        run(seeds, scales, 0, codes, 0, table, True, True, "rademacher")
+    with pytest.raises(ValueError):  # code_base not 128-aligned
+        run(seeds[:1], scales, 0, codes, 3, table, True, False, "rademacher")
+
+
+def test_prepared_list_uses_the_kernel():
+    """functional.Prepared(backend="triton").exact_pass_ matches backend="torch"."""
+    from zo_opt import functional
+
+    sizes = (300, 5)
+    a = make_params(sizes, [torch.bfloat16, torch.float32], seed=7)
+    b = [p.clone() for p in a]
+    offsets = noise.offsets(sizes)
+    table = exact.build_table(a, offsets, exact.tau(EPS, "rademacher"))
+    base, n = exact.span(a, offsets)
+    ca, cb = (torch.zeros(n, dtype=torch.int8, device=device()) for _ in range(2))
+    seeds = torch.tensor([42], dtype=torch.int64, device=device())
+    scales = torch.tensor([1.0, EPS], device=device())
+    for params, codes, backend in ((a, ca, "triton"), (b, cb, "torch")):
+        functional.Prepared(params, backend=backend).exact_pass_(
+            seeds, scales, 0, codes, base, table, encode=True, rounding=False,
+            distribution="rademacher")
+    assert all(same_bits(x, y) for x, y in zip(a, b)) and torch.equal(ca, cb)
+
+
+# --- compilation ---------------------------------------------------------------------------
+
+def test_exact_kernel_compiles_for_sm90():
+    """triton.compile for sm_90 (no GPU; a subprocess: the interpreter replaces the compiler
+    here). No approximate math; with enable_fp_fusion=False no fma outside libdevice (so none
+    in Rademacher kernels); aligned tiles use the vector loads and stores the plain kernel does."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "zo_kernels.compile_check", "90", "exact"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(reports) == 10
+    for r in reports:
+        assert r["kernel"] == "exact" and r["cubin_bytes"] > 0 and r["approx"] == [], r
+        if r["rademacher"]:
+            assert r["fma"] == [], r
+        if r["aligned"]:
+            assert {"ld.global.v2.b32", "ld.global.v4.b32"} & set(r["loads"]), r
+            assert {"st.global.v2.b32", "st.global.v4.b32"} & set(r["stores"]), r
+
+
+# --- on a GPU ------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(noise_axpby.INTERPRETED, reason="the interpreter is on")
+def test_gpu_graph_capture_matches_reference():
+    """Full-size tensors; the middle pass captured in a CUDA graph and replayed."""
+    sizes = (1, 129, 3 * 768 * 768 + 5, 1 << 20)
+    dtypes = (torch.bfloat16, torch.float16, torch.bfloat16, torch.float32)
+    params = make_params(sizes, dtypes, seed=8)
+    pair = Pair(params, noise.offsets(sizes), "rademacher")
+    pair.new_table()
+    pair.step([1], [1.0, EPS], 0, True)
+    pair.check("first")
+    seeds = torch.tensor([1, 1], dtype=torch.int64, device="cuda")
+    scales = torch.tensor([1.0, EPS, -EPS], device="cuda")
+    pair.run(seeds, scales, 1, pair.kc, pair.base, pair.table, True, False, "rademacher")
+    torch.cuda.synchronize()  # compiled; now capture the same pass and replay it
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            pair.run(seeds, scales, 1, pair.kc, pair.base, pair.table, True, False,
+                     "rademacher")
+    scales.copy_(torch.tensor([1.0, -EPS, EPS]))  # back to +eps z
+    graph.replay()
+    exact.exact_pass_(pair.r, pair.offsets, [1, 1], torch.tensor([1.0, EPS, -EPS]), 1,
+                      pair.rc, pair.base, pair.table, encode=True, rounding_seed=None,
+                      distribution="rademacher")
+    exact.exact_pass_(pair.r, pair.offsets, [1, 1], torch.tensor([1.0, -EPS, EPS]), 1,
+                      pair.rc, pair.base, pair.table, encode=True, rounding_seed=None,
+                      distribution="rademacher")
+    pair.check("graph")

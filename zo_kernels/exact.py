@@ -1,0 +1,303 @@
+"""The exact pass of docs/EXACT.md as a multi-tensor Triton kernel (one launch per dtype).
+
+Per element at global index g (all arithmetic float32, no FMA contraction: every launch
+passes ``enable_fp_fusion=False``, so decode and encode compute ``RN(p - s)`` identically):
+
+    s_old = sum_i a_i z(old_i, g);  s_new = sum_j c_j z(new_j, g)      (from +0, seed order)
+    theta = p                                            with no old seeds
+          = bits[chunk_base[chunk] + #ESC before g in its chunk]   where codes[g] == ESC
+          = sign(t) | (mag(t) + code), t = RN(p - s_old)           otherwise
+    y = alpha * theta (+ s_new where s_new != 0);  p = RN(y), or SR(y) with the rounding seed
+    codes[g] = ESC if special(theta) else mag(theta) - mag(RN(p - s_new))      (encode)
+
+The kernel works on raw bits (int32, zero-extended for 16-bit dtypes): it loads and stores
+the parameters through bitcasts and rounds to bfloat16 by hand (the interpreter truncates).
+Tiles are those of noise_axpby.py (tensor_table.py rows): [BLOCK/4, 4] for Gaussian noise,
+[BLOCK/128, 128] for Rademacher. The ESC count is an exclusive tl.cumsum along the rows of a
+[BLOCK/128, 128] view (one row is one table chunk: offsets and code_base are 128-aligned);
+the stochastic-rounding words are made in the Gaussian layout (one Philox call per 4
+elements) and reshaped for Rademacher tiles.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .noise_axpby import (BLOCK, DTYPES, INTERPRETED, NUM_WARPS, _gaussian_tile, _philox_rows,
+                          _rademacher_tile)
+from .tensor_table import VECTOR_BYTES, table_for
+
+CHUNK = 128
+ESC = -128
+CHUNK_C = tl.constexpr(CHUNK)
+ESC_C = tl.constexpr(ESC)
+# max(dtype) / 2: above it theta + s could overflow (zo_opt.exact.big), exact in float32
+BIGS = {dt: torch.finfo(dt).max / 2 for dt in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@triton.jit
+def _bits_of(x, DT: tl.constexpr):
+    """Loaded values -> their raw bits as int32 (16-bit dtypes zero-extended)."""
+    if DT == tl.float32:
+        return x.to(tl.int32, bitcast=True)
+    else:
+        return x.to(tl.uint16, bitcast=True).to(tl.int32)
+
+
+@triton.jit
+def _from_bits(bits, DT: tl.constexpr):
+    """int32 raw bits -> values of DT (for the store)."""
+    if DT == tl.float32:
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return bits.to(tl.uint16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _to_f32(bits, DT: tl.constexpr):
+    """int32 raw bits of a DT value -> that value in float32 (exact)."""
+    if DT == tl.float32:
+        return bits.to(tl.float32, bitcast=True)
+    elif DT == tl.bfloat16:
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _rn_bits(y, DT: tl.constexpr):
+    """float32 -> int32 raw bits of RN_DT(y), round to nearest even. bfloat16 by hand (the
+    interpreter truncates; NaNs are kept quiet, as in noise_axpby._round_to)."""
+    if DT == tl.float32:
+        return y.to(tl.int32, bitcast=True)
+    elif DT == tl.bfloat16:
+        b = y.to(tl.uint32, bitcast=True)
+        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        is_nan = (b & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(is_nan, (b >> 16) | 0x40, rounded).to(tl.int32)
+    else:
+        return y.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+
+
+@triton.jit
+def _sr_bits(y, w, DT: tl.constexpr):
+    """float32 -> int32 raw bits of SR_DT(y) with the random words w (docs/EXACT.md): the
+    neighbour away from zero where (|y| - |lo|) > u (|hi| - |lo|), u = (w >> 8) 2^-24."""
+    r = _rn_bits(y, DT)
+    ay = tl.abs(y)
+    over = tl.abs(_to_f32(r, DT)) > ay  # rounded away from zero: one step back
+    lo = tl.where(over, r - 1, r)
+    hi = lo + 1
+    lo_f = tl.abs(_to_f32(lo, DT))
+    hi_f = tl.abs(_to_f32(hi, DT))
+    u = (w >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+    up = (ay - lo_f) > u * (hi_f - lo_f)
+    finite = ay <= 3.4028234663852886e38  # false for inf and NaN: those round to nearest
+    return tl.where(finite, tl.where(up, hi, lo), r)
+
+
+@triton.jit
+def _z_tile(seed, g0, RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    if RADEMACHER:
+        return _rademacher_tile(k0, k1, g0, BLOCK)
+    else:
+        return _gaussian_tile(k0, k1, g0, BLOCK, LIBDEVICE)
+
+
+@triton.jit
+def _word_tile(seed, g0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    """The rounding word of each element: word g & 3 of Philox(seed, g >> 2), in the tile's
+    layout ([BLOCK/4, 4] made, reshaped to [BLOCK/128, 128] for Rademacher tiles)."""
+    w0, w1, w2, w3 = _philox_rows(seed.to(tl.uint32), (seed >> 32).to(tl.uint32), g0 >> 2,
+                                  BLOCK // 4)
+    lane = tl.arange(0, 4)[None, :]
+    w = tl.where(lane < 2, tl.where(lane == 0, w0[:, None], w1[:, None]),
+                 tl.where(lane == 2, w2[:, None], w3[:, None]))
+    if WIDTH == 4:
+        return w
+    else:
+        return tl.reshape(w, (BLOCK // WIDTH, WIDTH))
+
+
+@triton.jit
+def _exclusive_count(esc, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    """How many ESC elements precede each element in its 128-element chunk (a row of a
+    [BLOCK/128, 128] view; the tile starts on a chunk)."""
+    e = esc.to(tl.int32)
+    if WIDTH == 128:
+        return tl.cumsum(e, axis=1) - e
+    else:
+        rows = tl.reshape(e, (BLOCK // 128, 128))
+        return tl.reshape(tl.cumsum(rows, axis=1) - rows, (BLOCK // WIDTH, WIDTH))
+
+
+@triton.jit
+def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old, n_new,
+                 codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
+                 DECODE: tl.constexpr, PAIR: tl.constexpr, ENCODE: tl.constexpr,
+                 ROUNDING: tl.constexpr, RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr,
+                 ALIGNED: tl.constexpr, VEC: tl.constexpr, BIG: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """One program: one BLOCK-slot tile of one tensor (tensor_table.py rows, as in
+    noise_axpby_kernel). DECODE: n_old > 0 (theta from codes); PAIR: one old and one new
+    seed (z made once when they are equal)."""
+    DT: tl.constexpr = base_ptr.dtype.element_ty
+    if DT == tl.float32:
+        MAG: tl.constexpr = 0x7FFFFFFF
+    else:
+        MAG: tl.constexpr = 0x7FFF
+    pid = tl.program_id(0)
+    row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
+    ptr_origin = tl.load(row)
+    lo = tl.load(row + 1)
+    hi = tl.load(row + 2)
+    g_origin = tl.load(row + 3)
+    slot0 = (pid - tl.load(row + 4)) * BLOCK
+    g0 = g_origin + slot0
+
+    if RADEMACHER:
+        WIDTH: tl.constexpr = 128
+    else:
+        WIDTH: tl.constexpr = 4
+    idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    start = ptr_origin + slot0
+    pos0 = tl.multiple_of(g0 - code_base, CHUNK_C)  # the tile's first code (128-aligned)
+    if ALIGNED:
+        start = tl.multiple_of(start, VEC)
+    ptrs = base_ptr + start + idx
+    cptrs = codes_ptr + pos0 + idx
+    slot = slot0 + idx
+    mask = (slot >= lo) & (slot < hi)
+    interior = (slot0 >= lo) & (slot0 + BLOCK <= hi)
+    if interior:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    xbits = _bits_of(x, DT)
+    xf = _to_f32(xbits, DT)
+
+    # The displacements, each from +0 in the reference's order (a zero made from x: the
+    # load's layout, see noise_axpby_kernel). +0 matters: RN(-0 - (+0)) keeps -0.
+    zero = (xbits & 0).to(tl.float32, bitcast=True)
+    s_old = zero
+    s_new = zero
+    if PAIR:
+        seed_old = tl.load(seeds_ptr)
+        seed_new = tl.load(seeds_ptr + 1)
+        z_old = _z_tile(seed_old, g0, RADEMACHER, LIBDEVICE, BLOCK)
+        if seed_new == seed_old:
+            z_new = z_old
+        else:
+            z_new = _z_tile(seed_new, g0, RADEMACHER, LIBDEVICE, BLOCK)
+        s_old = s_old + tl.load(scales_ptr + 1) * z_old
+        s_new = s_new + tl.load(scales_ptr + 2) * z_new
+    else:
+        for i in range(n_old):
+            z = _z_tile(tl.load(seeds_ptr + i), g0, RADEMACHER, LIBDEVICE, BLOCK)
+            s_old = s_old + tl.load(scales_ptr + 1 + i) * z
+        for j in range(n_new):
+            z = _z_tile(tl.load(seeds_ptr + n_old + j), g0, RADEMACHER, LIBDEVICE, BLOCK)
+            s_new = s_new + tl.load(scales_ptr + 1 + n_old + j) * z
+
+    if DECODE:
+        if interior:
+            code = tl.load(cptrs).to(tl.int32)
+        else:
+            code = tl.load(cptrs, mask=mask, other=0).to(tl.int32)
+        esc = code == ESC_C
+        t = _rn_bits(xf - s_old, DT)
+        decoded = (t ^ (t & MAG)) | ((t & MAG) + code)
+        count = _exclusive_count(esc, BLOCK, WIDTH)
+        chunk = (pos0 + idx) >> 7
+        base = tl.load(chunk_base_ptr + chunk, mask=esc, other=0)
+        looked_up = tl.load(bits_ptr + (base + count), mask=esc, other=0)
+        theta_bits = tl.where(esc, looked_up, decoded)
+        theta = _to_f32(theta_bits, DT)
+    else:
+        theta_bits = xbits
+        theta = xf
+        a = tl.abs(xf)
+        esc = (a < tau) | (a != a) | (a > BIG)  # !(a >= tau) || a > max/2
+
+    y = tl.load(scales_ptr) * theta
+    y = tl.where(s_new != 0.0, y + s_new, y)  # -0 + 0 would be +0
+    if ROUNDING and DT != tl.float32:
+        w = _word_tile(tl.load(seeds_ptr + n_old + n_new), g0, BLOCK, WIDTH)
+        out = _sr_bits(y, w, DT)
+    else:
+        out = _rn_bits(y, DT)
+    stored = _from_bits(out, DT)
+    if interior:
+        tl.store(ptrs, stored)
+    else:
+        tl.store(ptrs, stored, mask=mask)
+
+    if ENCODE:
+        t2 = _rn_bits(_to_f32(out, DT) - s_new, DT)
+        k = (theta_bits & MAG) - (t2 & MAG)
+        new_code = tl.where(esc, ESC_C, k).to(tl.int8)
+        if interior:
+            tl.store(cptrs, new_code)
+        else:
+            tl.store(cptrs, new_code, mask=mask)
+
+
+def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
+    """The tensor tables of ``params`` (one per dtype), built once; returns
+    ``run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)``
+    (runner.exact_list_runner's signature) that only launches: int64 seeds (uint64 bits;
+    with ``rounding`` the rounding seed last), float32 scales [1 + n_old + n_new], int8
+    ``codes`` indexed by ``g - code_base``, ``table`` a zo_opt.exact.Table, all on the
+    params' device: no copy, no host sync, so it can be graph-captured.
+
+    Offsets and code_base must be multiples of 128 (the table's chunks, docs/EXACT.md)."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for p, o in zip(params, offsets):
+        if p.dtype not in DTYPES:
+            raise TypeError(f"the exact Triton kernel takes {DTYPES}, not {p.dtype}")
+        if o % CHUNK:
+            raise ValueError(f"offset {o} is not a multiple of {CHUNK}: the exact pass "
+                             "needs 128-aligned offsets")
+        if p.numel():
+            ps, os_ = groups.setdefault(p.dtype, ([], []))
+            ps.append(p)
+            os_.append(o)
+    launches = [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in groups.values()]
+
+    def run(seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
+            code_base: int, table, encode: bool, rounding: bool, distribution: str) -> None:
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"Invalid distribution: {distribution!r}")
+        if encode and rounding:
+            raise ValueError("encode needs round-to-nearest stores")
+        if code_base % CHUNK:
+            raise ValueError(f"code_base {code_base} is not a multiple of {CHUNK}")
+        if codes.dtype != torch.int8:
+            raise TypeError("codes must be int8")
+        n_old = int(n_old)
+        n_new = scales.numel() - 1 - n_old
+        if n_new < 0 or seeds.numel() != n_old + n_new + bool(rounding):
+            raise ValueError(f"{seeds.numel()} seeds and {scales.numel()} scales do not fit "
+                             f"n_old={n_old}, rounding={rounding}")
+        scales = scales.to(dtype=torch.float32).contiguous()
+        if seeds.numel() == 0:  # the kernel takes a valid pointer even when it reads none
+            seeds = torch.zeros(1, dtype=torch.int64, device=scales.device)
+        for ps, tt in launches:
+            device = ps[0].device
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                exact_kernel[(tt.n_blocks,)](
+                    ps[tt.base_index], tt.rows, tt.block_map, seeds, scales, n_old, n_new,
+                    codes, code_base, table.chunk_base, table.bits, float(table.tau),
+                    DECODE=n_old > 0, PAIR=n_old == 1 and n_new == 1, ENCODE=bool(encode),
+                    ROUNDING=bool(rounding), RADEMACHER=distribution == "rademacher",
+                    LIBDEVICE=not INTERPRETED, ALIGNED=tt.aligned,
+                    VEC=VECTOR_BYTES // ps[0].element_size(), BIG=BIGS[ps[0].dtype],
+                    BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+    return run
