@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from . import backends, noise
+from . import backends, exact, noise
 
 Scales = Sequence[float] | torch.Tensor
 
@@ -79,8 +79,10 @@ class Prepared:
                 ps, os_ = work.setdefault((backends.resolve(backend, p).name, p.device), ([], []))
                 ps.append(p)
                 os_.append(o)
-        self.runners = [(device, backends.BACKENDS[name].prepare(ps, os_))
-                        for (name, device), (ps, os_) in work.items()]
+        self.work = [(backends.BACKENDS[name], device, ps, os_)
+                     for (name, device), (ps, os_) in work.items()]
+        self.runners = [(device, b.prepare(ps, os_)) for b, device, ps, os_ in self.work]
+        self._exact_runners = None  # made on first use: most lists never run an exact pass
 
     @staticmethod
     def layout(params: Sequence[torch.Tensor]) -> tuple:
@@ -99,6 +101,17 @@ class Prepared:
                              f"{len(seeds) + 1}")
         for device, run in self.runners:
             run(seeds_on(seeds, device), _scales_on(scales, device), distribution)
+
+    @torch.no_grad()
+    def exact_pass_(self, seeds: torch.Tensor, scales: torch.Tensor, n_old: int,
+                    codes: torch.Tensor, code_base: int, table, *, encode: bool,
+                    rounding: bool, distribution: str) -> None:
+        """The exact pass of docs/EXACT.md (``seeds``/``scales`` on the params' device; with
+        ``rounding`` the last seed is the rounding seed)."""
+        if self._exact_runners is None:
+            self._exact_runners = [b.prepare_exact(ps, os_) for b, _, ps, os_ in self.work]
+        for run in self._exact_runners:
+            run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)
 
 
 @torch.no_grad()
@@ -126,11 +139,14 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
 
 
 def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Scales, *,
-               distribution: str = "gaussian", backend: str = "auto", base_offset: int = 0) -> None:
+               distribution: str = "gaussian", backend: str = "auto", base_offset: int = 0,
+               rounding_seed: int | None = None) -> None:
     """In place, ``params += sum_i coeffs[i] * z(seeds[i])``, in one pass over memory.
 
     The replay of step records (data-parallel workers, a federated server) and the update of
     the optimizer's last pass. ``coeffs`` may be a tensor on the params' device (no sync).
+    ``rounding_seed`` (a record's) stores float16/bfloat16 results with that step's
+    stochastic rounding (docs/EXACT.md) instead of round-to-nearest.
     """
     seeds = list(seeds)
     if len(coeffs) != len(seeds):
@@ -142,5 +158,15 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Sca
         scales = torch.cat([torch.ones(1, dtype=torch.float32, device=coeffs.device), coeffs])
     else:
         scales = [1.0, *coeffs]
-    noise_axpby_(params, seeds, scales, distribution=distribution, backend=backend,
-                 base_offset=base_offset)
+    if rounding_seed is None:
+        noise_axpby_(params, seeds, scales, distribution=distribution, backend=backend,
+                     base_offset=base_offset)
+        return
+    seeds = [noise.check_seed(s) for s in seeds] + [noise.check_seed(rounding_seed)]
+    plan = Prepared(params, backend=backend, base_offset=base_offset)
+    for device, _ in plan.runners:
+        dummy_codes = torch.zeros(1, dtype=torch.int8, device=device)
+        no_table = exact.Table(chunk_base=torch.zeros(1, dtype=torch.int32, device=device),
+                               bits=torch.zeros(1, dtype=torch.int32, device=device), tau=0.0, count=0)
+        plan.exact_pass_(seeds_on(seeds, device), _scales_on(scales, device), 0, dummy_codes, 0,
+                         no_table, encode=False, rounding=True, distribution=distribution)

@@ -131,6 +131,14 @@ def direction_seed(base_seed: int, step: int, index: int) -> int:
     return _splitmix64(x ^ (index & MASK64))
 
 
+ROUNDING_INDEX = MASK64  # no direction has this index: the stochastic-rounding stream's
+
+
+def rounding_seed(base_seed: int, step: int) -> int:
+    """Seed of the stochastic-rounding stream of step ``step`` (docs/EXACT.md)."""
+    return direction_seed(base_seed, step, ROUNDING_INDEX)
+
+
 def _as_signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
@@ -148,11 +156,14 @@ def _splitmix64_t(x: torch.Tensor) -> torch.Tensor:
     return x ^ shr(x, 31)
 
 
-def direction_seeds(base_seed: int, step: torch.Tensor, q: int) -> torch.Tensor:
-    """``direction_seed(base_seed, step, i)`` for i in range(q), as an int64 tensor of uint64
-    bits on ``step``'s device (``step``: a 0-d int64 tensor). Pure tensor ops: no host sync,
-    so it can be captured in a CUDA graph with ``step`` advanced on the device."""
+def direction_seeds(base_seed: int, step: torch.Tensor, q: int, *, rounding: bool = False) -> torch.Tensor:
+    """``direction_seed(base_seed, step, i)`` for i in range(q) (then ``rounding_seed`` if
+    ``rounding``), as an int64 tensor of uint64 bits on ``step``'s device (``step``: a 0-d
+    int64 tensor). Pure tensor ops: no host sync, so it can be captured in a CUDA graph with
+    ``step`` advanced on the device."""
     x = torch.full_like(step, _as_signed(_splitmix64(check_seed(base_seed))))
     x = _splitmix64_t(x ^ step)
-    index = torch.arange(q, dtype=torch.int64, device=step.device)
+    index = torch.arange(q + rounding, dtype=torch.int64, device=step.device)
+    if rounding:
+        index[q] = -1  # ROUNDING_INDEX as int64
     return _splitmix64_t(x.reshape(1) ^ index)

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from . import backends, noise
+from . import backends, exact as exact_mod, noise
 from .functional import Prepared, check_params, seeds_on
 
 ESTIMATORS = ("central", "forward")
@@ -36,6 +36,7 @@ class StepRecord:
     group_lrs: tuple[float, ...]
     group_weight_decays: tuple[float, ...]
     finite: torch.Tensor  # 0-d bool: False when the update was skipped (non-finite loss)
+    rounding_seed: int | None = None  # the update's stochastic-rounding stream, if any
 
     @property
     def q(self) -> int:
@@ -140,6 +141,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             FloatingPointError;
             ``"skip_silent"`` skips on the device with no warning and no host sync
             (``last_record.finite`` tells), so that a GPU step never waits for the GPU.
+        exact: restore the parameters bit for bit after each direction (docs/EXACT.md): one
+            byte per parameter of codes plus a small side table. ``None`` (the default) turns
+            it on when a parameter is float16 or bfloat16, where round-to-nearest drifts.
+        stochastic_rounding: store the update of float16/bfloat16 parameters with unbiased
+            stochastic rounding from the step's own Philox stream (replayable from the
+            record); ``None`` (the default) turns it on when a parameter is float16 or
+            bfloat16, where round-to-nearest drops updates below half an ulp.
         capturable: keep the whole step on the device so that it can be captured in a CUDA
             graph (see "CUDA graphs" in the README): the step counter lives on the device and
             the direction seeds are derived there, every scale stays a device tensor, and
@@ -164,8 +172,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, *, q: int = 1, eps: float = 1e-3,
                  distribution: str = "gaussian", estimator: str = "central",
                  weight_decay: float = 0.0, momentum: float = 0.0, seed: int | None = None,
-                 backend: str = "auto", nonfinite: str | None = None, capturable: bool = False,
-                 process_group=None):
+                 backend: str = "auto", nonfinite: str | None = None,
+                 exact: bool | None = None, stochastic_rounding: bool | None = None,
+                 capturable: bool = False, process_group=None):
         self.q = _positive_int("q", q)
         if not eps > 0:
             raise ValueError(f"Invalid eps: {eps!r}; it must be > 0")
@@ -204,6 +213,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             if any(g["momentum"] for g in self.param_groups):
                 raise ValueError("capturable=True supports momentum=0 only")
             self._step_t = torch.zeros((), dtype=torch.int64, device=devices.pop())
+        low = any(p.dtype in (torch.float16, torch.bfloat16) for p in self._params())
+        self.exact = low if exact is None else bool(exact)
+        self.stochastic_rounding = low if stochastic_rounding is None else bool(stochastic_rounding)
+        if self.capturable and self.exact:
+            raise ValueError("capturable=True needs exact=False: the exact mode's side table "
+                             "is sized on the host each step")
+        self._codes: dict[int, torch.Tensor] = {}
+        self._tables: dict[int, exact_mod.Table] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -255,6 +272,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _shift(self, old: tuple[int, float] | None, new: tuple[int, float] | None):
         """One pass: move theta from ``theta0 + old`` to ``theta0 + new``."""
+        if old is None and new is None:
+            return
+        if self.exact:
+            return self._shift_exact(old, new)
         if old is not None and new is not None and old[0] == new[0]:
             first, coeffs = new[0], (new[1] - old[1],)
         elif old is not None and new is not None:
@@ -269,6 +290,39 @@ class ZOOptimizer(torch.optim.Optimizer):
                     plan.noise_axpby_(seeds[first:first + len(coeffs)],
                                       self._constant((1.0, *coeffs), device),
                                       distribution=self.distribution)
+        self._displacement = new
+
+    # -- exact mode (docs/EXACT.md): every pass recovers theta exactly, then displaces it ----
+
+    def _exact_state(self, k: int, ps, offs) -> tuple[torch.Tensor, int, exact_mod.Table]:
+        """Group k's codes (kept across steps) and side table (this step's; see _begin_exact)."""
+        base, n = exact_mod.span(ps, offs)
+        codes = self._codes.get(k)
+        if codes is None or codes.numel() != n or codes.device != ps[0].device:
+            codes = self._codes[k] = torch.zeros(n, dtype=torch.int8, device=ps[0].device)
+        return codes, base, self._tables[k]
+
+    def _begin_exact(self) -> None:
+        """The side tables of this step, from theta before its first displacement."""
+        tau = exact_mod.tau(self.eps, self.distribution)
+        self._tables = {k: exact_mod.build_table(ps, offs, tau) for k, _, ps, offs, _ in self._groups()}
+
+    def _exact_pass(self, plan, k, ps, offs, seeds, scales, n_old, *, encode, rounding) -> None:
+        codes, base, table = self._exact_state(k, ps, offs)
+        plan.exact_pass_(seeds, scales, n_old, codes, base, table, encode=encode,
+                         rounding=rounding, distribution=self.distribution)
+
+    def _shift_exact(self, old, new) -> None:
+        for k, _, ps, offs, plan in self._groups():
+            seeds = self._seeds[ps[0].device]
+            picked = [term[0] for term in (old, new) if term is not None]
+            if len(picked) == 2 and picked[1] == picked[0] + 1:
+                pair = seeds[picked[0]:picked[0] + 2]
+            else:
+                pair = torch.cat([seeds[i:i + 1] for i in picked])
+            coeffs = tuple(term[1] for term in (old, new) if term is not None)
+            self._exact_pass(plan, k, ps, offs, pair, self._constant((1.0, *coeffs), ps[0].device),
+                             int(old is not None), encode=new is not None, rounding=False)
         self._displacement = new
 
     def _evaluate(self, closure, i: int) -> torch.Tensor:
@@ -303,18 +357,35 @@ class ZOOptimizer(torch.optim.Optimizer):
             dev = ps[0].device
             seeds = self._seeds[dev]
             c, okd = coeffs.to(dev), ok.to(dev)
-            if mu:
-                plan.noise_axpby_(seeds[disp_index:disp_index + 1],
-                                  self._constant((1.0, -disp_scale), dev), distribution=self.distribution)
-                self._momentum_step(k, ps, offs, seeds, c, okd, lr, wd, mu)
+            if mu:  # restore this group, then step through the momentum buffers
+                undo = seeds[disp_index:disp_index + 1]
+                if self.exact:
+                    self._exact_pass(plan, k, ps, offs, undo, self._constant((1.0, disp_scale), dev),
+                                     1, encode=False, rounding=False)
+                else:
+                    plan.noise_axpby_(undo, self._constant((1.0, -disp_scale), dev),
+                                      distribution=self.distribution)
+                self._momentum_step(k, ps, offs, seeds[:self.q], c, okd, lr, wd, mu)
                 continue
             one = torch.ones((), device=dev)
             alpha = torch.where(okd, one * (1.0 - lr * wd), one)
             step = torch.where(okd, -lr * c, torch.zeros_like(c))
+            rounding = self.stochastic_rounding and any(
+                p.dtype in (torch.float16, torch.bfloat16) for p in ps)
+            if self.exact:  # recover theta from the displacement, then decay and step
+                self._exact_pass(plan, k, ps, offs,
+                                 torch.cat([seeds[disp_index:disp_index + 1], seeds[:self.q + rounding]]),
+                                 torch.cat([alpha.reshape(1), self._constant((disp_scale,), dev), step]),
+                                 1, encode=False, rounding=rounding)
+                continue
             undo = torch.zeros_like(c)
             undo[disp_index] = 1.0
             scales = torch.cat([alpha.reshape(1), step - alpha * disp_scale * undo])
-            plan.noise_axpby_(seeds, scales, distribution=self.distribution)
+            if rounding:  # the plain pass with a stochastic-rounding store: n_old = 0
+                self._exact_pass(plan, k, ps, offs, seeds[:self.q + 1], scales, 0,
+                                 encode=False, rounding=True)
+            else:
+                plan.noise_axpby_(seeds[:self.q], scales, distribution=self.distribution)
         self._displacement = None
 
     def _momentum_step(self, k, ps, offs, seeds, c, ok, lr, wd, mu) -> None:
@@ -335,14 +406,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(ps, bufs, alpha=-lr)
 
     def _step_seeds(self) -> list[int] | torch.Tensor:
-        """This step's direction seeds, and ``self._seeds``: them on each params device."""
+        """This step's direction seeds, and ``self._seeds``: them (then the rounding seed,
+        with stochastic rounding) on each params device."""
         devices = {p.device for p in self._params()}
+        rounding = self.stochastic_rounding
         if self.capturable:
-            seeds = noise.direction_seeds(self.base_seed, self._step_t, self.q)
+            seeds = noise.direction_seeds(self.base_seed, self._step_t, self.q, rounding=rounding)
             self._seeds = {seeds.device: seeds}
-            return seeds
+            return seeds[:self.q]
         seeds = [noise.direction_seed(self.base_seed, self.step_count, i) for i in range(self.q)]
-        self._seeds = {d: seeds_on(seeds, d) for d in devices}
+        extra = [noise.rounding_seed(self.base_seed, self.step_count)] if rounding else []
+        self._seeds = {d: seeds_on(seeds + extra, d) for d in devices}
         return seeds
 
     @torch.no_grad()
@@ -354,6 +428,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._pass_index = _takes_index(closure)
         seeds = self._step_seeds()
         self._displacement = None
+        if self.exact:
+            self._begin_exact()
         try:
             grads, losses = self._estimate(closure)
         except BaseException:
@@ -368,7 +444,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             eps=self.eps, weight_decay=self.param_groups[0]["weight_decay"],
             distribution=self.distribution, estimator=self.estimator,
             group_lrs=tuple(g["lr"] for g in self.param_groups),
-            group_weight_decays=tuple(g["weight_decay"] for g in self.param_groups), finite=ok)
+            group_weight_decays=tuple(g["weight_decay"] for g in self.param_groups), finite=ok,
+            rounding_seed=(noise.rounding_seed(self.base_seed, self.step_count)
+                           if self.stochastic_rounding and not self.capturable else None))
         self.step_count += 1
         if self.capturable:
             self._step_t.add_(1)
