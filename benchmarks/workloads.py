@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 import zo_opt
+from zo_opt import exact as zo_exact
+from zo_opt import noise as zo_noise
 from zo_opt.backends import BACKENDS
 
 from . import baselines
@@ -82,6 +84,39 @@ def make_pass(impl: str, params: list[torch.Tensor], distribution: str = "gaussi
     seeds = zo_opt.functional.seeds_on([SEED], device)
     scales = torch.tensor([1.0, EPS], dtype=torch.float32, device=device)
     return lambda: plan.noise_axpby_(seeds, scales, distribution=distribution)
+
+
+def make_pass_cycle(backend: str, params: list[torch.Tensor], distribution: str = "gaussian",
+                    *, exact: bool = False) -> Callable[[], None]:
+    """Three passes that leave theta where it was, as a step's passes do: ``+eps z``, then
+    ``-eps z``, then back; plain (fused axpby passes) or exact (decode, displace, encode)."""
+    plan = zo_opt.functional.Prepared(params, backend=backend)
+    device = params[0].device
+    seed = zo_opt.functional.seeds_on([SEED], device)
+    pair = zo_opt.functional.seeds_on([SEED, SEED], device)
+
+    def const(*values):
+        return torch.tensor([1.0, *values], dtype=torch.float32, device=device)
+
+    if not exact:
+        plus, flip, back = const(EPS), const(-2 * EPS), const(EPS)
+
+        def cycle():
+            for scales in (plus, flip, back):
+                plan.noise_axpby_(seed, scales, distribution=distribution)
+        return cycle
+    offsets = zo_noise.offsets([p.numel() for p in params])
+    base, n = zo_exact.span(params, offsets)
+    codes = torch.zeros(n, dtype=torch.int8, device=device)
+    table = zo_exact.build_table(params, offsets, zo_exact.tau(EPS, distribution))
+    plus, flip, back = const(EPS), const(EPS, -EPS), const(-EPS)
+
+    def cycle():
+        for seeds, scales, n_old, encode in ((seed, plus, 0, True), (pair, flip, 1, True),
+                                             (seed, back, 1, False)):
+            plan.exact_pass_(seeds, scales, n_old, codes, base, table, encode=encode,
+                             rounding=False, distribution=distribution)
+    return cycle
 
 
 def pass_impls(device, distribution: str = "gaussian") -> list[str]:

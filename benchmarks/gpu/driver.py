@@ -148,6 +148,52 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
     return rows
 
 
+def exact_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[dict]:
+    """Three passes out and back (+eps z, -eps z, theta), plain vs exact, per backend; and the
+    per-step cost of building the exact mode's side table. GB/s counts the three passes'
+    parameter bytes (not the codes)."""
+    dtype = DTYPES[dtype_name]
+    label = size if isinstance(size, str) else size.name
+    params = make_params(size, dtype, device)
+    nbytes = 3 * 2 * workloads.param_bytes(params)
+    rows = []
+    for backend in [b for b in workloads.zo_backends(device) if b != "torch"]:
+        for dist in ("gaussian", "rademacher"):
+            times = {}
+            for exact in (False, True):
+                row = dict(kind="pass", workload=f"3 passes out and back {label}", dtype=dtype_name,
+                           distribution=dist, impl=f"zo-opt[{backend}]" + (" exact" if exact else ""))
+                if not budget.left():
+                    rows.append(dict(row, skipped="time budget spent"))
+                    continue
+                try:
+                    fn = workloads.make_pass_cycle(backend, params, dist, exact=exact)
+                    t = workloads.median(workloads.time_fn(fn, device, reps=reps))
+                except Exception as e:  # report it, keep the other rows
+                    rows.append(dict(row, skipped=f"failed: {type(e).__name__}: {e}"[:200]))
+                    continue
+                times[exact] = t
+                rows.append(dict(row, seconds=t, gbps=nbytes / t / 1e9, sm_mhz=sm_clock_mhz(device)))
+            if len(times) == 2:
+                rows[-1]["overhead"] = times[True] / times[False] - 1
+    if budget.left():
+        from zo_opt import exact as zo_exact, noise as zo_noise
+
+        offsets = zo_noise.offsets([p.numel() for p in params])
+        tau = zo_exact.tau(workloads.EPS, "gaussian")
+        t = workloads.median(workloads.time_fn(lambda: zo_exact.build_table(params, offsets, tau),
+                                               device, reps=3))
+        table = zo_exact.build_table(params, offsets, tau)
+        n = sum(p.numel() for p in params)
+        rows.append(dict(kind="pass", workload=f"side table {label} (once a step)", dtype=dtype_name,
+                         distribution="gaussian", impl=f"build_table: {table.count / n:.2%} special",
+                         seconds=t, gbps=workloads.param_bytes(params) / t / 1e9,
+                         sm_mhz=sm_clock_mhz(device)))
+    del params
+    free(device)
+    return rows
+
+
 # -- steps ------------------------------------------------------------------------------------
 
 def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget: Budget) -> list[dict]:
@@ -261,6 +307,8 @@ def table(rows: list[dict], info: dict) -> str:
         if r["kind"] == "pass":
             pct = f"{100 * r['pct_copy']:.0f}%" if r.get("pct_copy") else "-"
             up = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
+            if "overhead" in r:
+                up = f"exact: {100 * r['overhead']:+.1f}%"
             lines.append(f"{start} {time_s} | {r['gbps']:.1f} | {pct} | {up} | | | {mhz} |")
         else:
             up = (f"{r['speedup']:.2f}x (outside: {r['outside_speedup']:.1f}x)"
@@ -304,6 +352,10 @@ def main(argv=None) -> Path:
             t0 = time.monotonic()
             rows += pass_rows(size, dtype, args.device, reps, budget)
             print(f"[driver] passes {size.name} {dtype}: {time.monotonic() - t0:.1f} s", flush=True)
+    for dtype in ("bfloat16", "float32"):
+        t0 = time.monotonic()
+        rows += exact_rows(step_size, dtype, args.device, reps, budget)
+        print(f"[driver] exact passes {dtype}: {time.monotonic() - t0:.1f} s", flush=True)
     for q in qs:
         t0 = time.monotonic()
         rows += step_rows(step_size, q, batch_size, seq, args.device, step_reps, budget)
