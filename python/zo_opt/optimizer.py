@@ -143,7 +143,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             (``last_record.finite`` tells), so that a GPU step never waits for the GPU.
         exact: restore the parameters bit for bit after each direction (docs/EXACT.md): one
             byte per parameter of codes plus a small side table. ``None`` (the default) turns
-            it on when a parameter is float16 or bfloat16, where round-to-nearest drifts.
+            it on when a parameter is float16 or bfloat16, where round-to-nearest drifts
+            (not with ``capturable=True``: the side table is sized on the host).
         stochastic_rounding: store the update of float16/bfloat16 parameters with unbiased
             stochastic rounding from the step's own Philox stream (replayable from the
             record); ``None`` (the default) turns it on when a parameter is float16 or
@@ -214,7 +215,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise ValueError("capturable=True supports momentum=0 only")
             self._step_t = torch.zeros((), dtype=torch.int64, device=devices.pop())
         low = any(p.dtype in (torch.float16, torch.bfloat16) for p in self._params())
-        self.exact = low if exact is None else bool(exact)
+        self.exact = (low and not self.capturable) if exact is None else bool(exact)
         self.stochastic_rounding = low if stochastic_rounding is None else bool(stochastic_rounding)
         if self.capturable and self.exact:
             raise ValueError("capturable=True needs exact=False: the exact mode's side table "
