@@ -217,3 +217,14 @@ def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     assert "rademacher" in text and "bfloat16" in text
     rows = json.loads(md.with_suffix(".json").read_text())["rows"]
     assert all("seconds" in r or "skipped" in r for r in rows)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_pass_cycle_goes_out_and_back(exact):
+    """The exact-overhead benchmark's three passes return to theta: bit for bit when exact."""
+    ps = make_params(TINY, torch.bfloat16)
+    before = [p.clone() for p in ps]
+    workloads.make_pass_cycle("torch", ps, "gaussian", exact=exact)()
+    same = all(torch.equal(p.view(torch.int16), b.view(torch.int16)) for p, b in zip(ps, before))
+    moved = max(float((p.float() - b.float()).abs().max()) for p, b in zip(ps, before))
+    assert same if exact else moved < 1e-2
