@@ -38,5 +38,26 @@ class CpuBackend:
     def prepare(self, params, offsets):
         return list_runner(self, params, offsets)
 
+    def prepare_exact(self, params, offsets):
+        return exact_runner(params, offsets)
+
+
+def exact_runner(params: Sequence[torch.Tensor], offsets: Sequence[int]):
+    """The exact pass of docs/EXACT.md over a fixed list (``zo_opt::noise_axpby_exact_``):
+    ``run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)``
+    with ``seeds`` an int64 tensor of uint64 bits (the rounding seed last with ``rounding``),
+    ``scales`` float32 ``[alpha, a_1..a_n_old, c_1..c_n_new]`` and ``table`` an
+    ``exact.Table``. One parallel pass, no host sync beyond the op call."""
+    params, offsets = list(params), list(offsets)
+    op = torch.ops.zo_opt.noise_axpby_exact_
+
+    def run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution):
+        op(params, offsets, seeds.to("cpu", torch.int64).contiguous(),
+           scales.to("cpu", torch.float32).contiguous(), int(n_old), codes, int(code_base),
+           table.chunk_base, table.bits, float(table.tau), bool(encode), bool(rounding),
+           distribution)
+
+    return run
+
 
 BACKEND = CpuBackend()

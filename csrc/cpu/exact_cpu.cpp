@@ -1,0 +1,372 @@
+// CPU backend of the exact pass (docs/EXACT.md; reference: python/zo_opt/exact.py,
+// exact_pass_): recover theta exactly from the stored value, its one-byte code and the old
+// displacement (or from the side table for ESC elements), then store alpha * theta + s_new
+// (round to nearest or stochastic rounding) and, when encoding, the new code.
+//
+// Work items are kChunk (2048) elements of one tensor: 16 whole 128-element table chunks (a
+// tensor's offset is 128-aligned, so a table chunk never spans two tensors). Per item the
+// noise of each seed is generated once into a stack buffer by the shared vectorized
+// generators (cpu_noise.h), so a seed that is both old and new (the central pass
+// +eps z -> -eps z) costs one generation. The element loops are branch-free and vectorize;
+// only the side-table lookups (ESC codes, in index order within each chunk) are scalar.
+//
+// All arithmetic is float32 with no contraction into FMAs: the file is compiled with
+// -std=c++17 (GCC: -ffp-contract=off) and the pragma below makes it explicit.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "cpu_noise.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+namespace {
+
+constexpr int32_t kEsc = -128;
+constexpr int64_t kTableChunk = 128;  // EXACT.md: chunks of the side table
+static_assert(kChunk % kTableChunk == 0, "work items hold whole table chunks");
+
+// The parameter dtypes as raw bits (uint32, zero-extended) <-> float32, and round to nearest
+// even back to the dtype's bits (the header's branch-free conversions).
+struct F32 {
+  using Store = uint32_t;
+  static constexpr uint32_t kMag = 0x7fffffffu;
+  static constexpr float kBig = 1.70141173319264429905852091742258462e+38f;  // max / 2
+  ZO_HD static float to_f(uint32_t b) { return zo::bits_to_float(b); }
+  ZO_HD static uint32_t rn(float f) { return zo::float_to_bits(f); }
+};
+struct BF16 {
+  using Store = uint16_t;
+  static constexpr uint32_t kMag = 0x7fffu;
+  static constexpr float kBig = 1.69477678e+38f;  // 0x7f7f as float, / 2 (exact)
+  ZO_HD static float to_f(uint32_t b) { return zo::bf16_to_float(static_cast<uint16_t>(b)); }
+  ZO_HD static uint32_t rn(float f) { return zo::float_to_bf16_rne(f); }
+};
+struct F16 {
+  using Store = uint16_t;
+  static constexpr uint32_t kMag = 0x7fffu;
+  static constexpr float kBig = 32752.0f;  // 65504 / 2
+  ZO_HD static float to_f(uint32_t b) { return zo::half_to_float(static_cast<uint16_t>(b)); }
+  ZO_HD static uint32_t rn(float f) { return zo::float_to_half_rne(f); }
+};
+
+ZO_INLINE float abs_f(float f) { return zo::bits_to_float(zo::float_to_bits(f) & 0x7fffffffu); }
+ZO_INLINE bool is_nan(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) > 0x7f800000u; }
+ZO_INLINE bool is_finite(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) < 0x7f800000u; }
+
+// EXACT.md "Stochastic rounding", for a 16-bit dtype: lo = y rounded toward zero (bits), hi
+// one step away from zero; hi with probability (|y| - |lo|) / (|hi| - |lo|). Every float
+// below is exact, so the branch is the reference's.
+template <class D>
+ZO_INLINE uint32_t stochastic_round(float y, uint32_t word) {
+  const uint32_t r = D::rn(y);
+  const float ay = abs_f(y);
+  const uint32_t lo = zo::select_bits(abs_f(D::to_f(r)) > ay, r - 1u, r);
+  const uint32_t hi = lo + 1u;
+  const float lo_f = abs_f(D::to_f(lo)), hi_f = abs_f(D::to_f(hi));
+  const float u = static_cast<float>(word >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  const uint32_t out = zo::select_bits((ay - lo_f) > u * (hi_f - lo_f), hi, lo);
+  return zo::select_bits(is_finite(y), out, r);
+}
+
+struct ExactArgs {
+  const int64_t* seeds;  // [old..., new..., rounding seed?]
+  const float* scales;   // [alpha, a_1..a_n_old, c_1..c_n_new]
+  int64_t n_old, n_new;
+  int8_t* codes;
+  const int32_t* chunk_base;
+  const int32_t* bits;
+  int64_t n_bits;
+  float tau;
+  bool encode, rounding, gaussian;
+};
+
+// One work item's scratch (on the stack: 5 x 8 KB).
+struct Scratch {
+  alignas(64) float s_old[kChunk];
+  alignas(64) float s_new[kChunk];
+  alignas(64) float z[kChunk];
+  alignas(64) uint32_t theta[kChunk];  // theta's bits, zero-extended
+  alignas(64) uint32_t words[kChunk];  // stochastic-rounding words
+};
+
+template <int kIsa>
+ZO_INLINE void make_z(float* z, int64_t n, uint64_t g0, uint64_t seed, bool gaussian) {
+  if (gaussian)
+    gaussian_z<kIsa>(z, n, g0, seed);
+  else
+    rademacher_z(z, n, g0, seed);
+}
+
+ZO_INLINE void axpy_into(float* __restrict acc, const float* __restrict z, int64_t n, float c) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) acc[e] = acc[e] + c * z[e];
+}
+
+// s_old and s_new of EXACT.md, each accumulated from +0 in seed order; z of the previous seed
+// is reused when the next seed is the same one.
+template <int kIsa>
+ZO_INLINE void displacements(Scratch& S, const ExactArgs& A, int64_t n, uint64_t g0) {
+  const int64_t n_seeds = A.n_old + A.n_new;
+  std::fill(S.s_old, S.s_old + n, 0.0f);
+  std::fill(S.s_new, S.s_new + n, 0.0f);
+  bool have = false;
+  uint64_t cached = 0;
+  for (int64_t i = 0; i < n_seeds; ++i) {
+    const uint64_t seed = static_cast<uint64_t>(A.seeds[i]);
+    if (!have || seed != cached) {
+      make_z<kIsa>(S.z, n, g0, seed, A.gaussian);
+      have = true;
+      cached = seed;
+    }
+    axpy_into(i < A.n_old ? S.s_old : S.s_new, S.z, n, A.scales[1 + i]);
+  }
+}
+
+// theta's bits from the stored value and the code: sign(t) | (mag(t) + code),
+// t = RN(p - s_old). ESC elements are overwritten from the table afterwards.
+template <class D>
+ZO_INLINE void decode(uint32_t* __restrict theta, const typename D::Store* __restrict p,
+                      const float* __restrict s_old, const int8_t* __restrict codes, int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    const uint32_t t = D::rn(D::to_f(p[e]) - s_old[e]);
+    theta[e] = (t & ~D::kMag) | ((t & D::kMag) + static_cast<uint32_t>(static_cast<int32_t>(codes[e])));
+  }
+}
+
+// The side-table entries of the ESC elements: slot = chunk_base[chunk] + ESC codes before the
+// element in its chunk. Returns false if a slot falls outside the table.
+ZO_INLINE bool lookup_table(uint32_t* theta, const int8_t* codes, int64_t n, int64_t chunk0,
+                            const ExactArgs& A) {
+  bool ok = true;
+  for (int64_t c0 = 0; c0 < n; c0 += kTableChunk) {
+    const int64_t len = std::min(kTableChunk, n - c0);
+    const int8_t* cc = codes + c0;
+    uint32_t any = 0;
+    for (int64_t e = 0; e < len; ++e) any |= static_cast<uint32_t>(cc[e] == kEsc);
+    if (any == 0) continue;
+    int64_t slot = A.chunk_base[chunk0 + c0 / kTableChunk];
+    for (int64_t e = 0; e < len; ++e) {
+      if (cc[e] != kEsc) continue;
+      if (slot < 0 || slot >= A.n_bits) {
+        ok = false;
+        return ok;
+      }
+      theta[c0 + e] = static_cast<uint32_t>(A.bits[slot++]);
+    }
+  }
+  return ok;
+}
+
+// n_old == 0 and encode: the table elements are the special ones (EXACT.md): mark them ESC
+// before the store loop, which then treats both cases alike.
+template <class D>
+ZO_INLINE void mark_special(int8_t* __restrict codes, const uint32_t* __restrict theta, int64_t n,
+                            float tau) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    const float a = abs_f(D::to_f(theta[e]));
+    const uint32_t special = static_cast<uint32_t>(!(a >= tau)) | static_cast<uint32_t>(a > D::kBig);
+    codes[e] = static_cast<int8_t>(special << 7);  // ESC = 0x80 or 0
+  }
+}
+
+// p = RN or SR(alpha * theta [+ s_new]); codes = mag(theta) - mag(RN(p - s_new)) or ESC.
+// A NaN theta is stored as its own bits (a table element: restored bit for bit, payload
+// included). Returns false if a code fell outside [-127, 127] (the bound of EXACT.md).
+template <class D, bool kSR, bool kEncode>
+ZO_INLINE bool store(typename D::Store* __restrict p, int8_t* __restrict codes,
+                     const uint32_t* __restrict theta, const float* __restrict s_new,
+                     const uint32_t* __restrict words, int64_t n, float alpha) {
+  uint32_t bad = 0;  // (no omp simd reduction: GCC 12 sizes its lane array wrongly here)
+  for (int64_t e = 0; e < n; ++e) {
+    const uint32_t tb = theta[e];
+    const float th = D::to_f(tb);
+    const float sn = s_new[e];
+    const float ya = alpha * th;
+    const float ys = ya + sn;
+    const float y = zo::bits_to_float(  // -0 + 0 would lose the sign of -0
+        zo::select_bits(sn != 0.0f, zo::float_to_bits(ys), zo::float_to_bits(ya)));
+    uint32_t out;
+    if constexpr (kSR)
+      out = stochastic_round<D>(y, words[e]);
+    else
+      out = D::rn(y);
+    out = zo::select_bits(is_nan(th), tb, out);
+    p[e] = static_cast<typename D::Store>(out);
+    if constexpr (kEncode) {
+      const uint32_t t2 = D::rn(D::to_f(out) - sn);
+      const int32_t k = static_cast<int32_t>(tb & D::kMag) - static_cast<int32_t>(t2 & D::kMag);
+      const bool esc = codes[e] == kEsc;
+      bad |= static_cast<uint32_t>(!esc) & static_cast<uint32_t>(static_cast<uint32_t>(k + 127) > 254u);
+      codes[e] = static_cast<int8_t>(zo::select_bits(esc, 0x80u, static_cast<uint32_t>(k)));
+    }
+  }
+  return bad == 0;
+}
+
+enum Status : int { kOk = 0, kBadCode = 1, kBadSlot = 2 };
+
+template <int kIsa, class D>
+ZO_INLINE int exact_item_body(const ExactArgs& A, void* data, int64_t n, uint64_t g0, int64_t pos0) {
+  Scratch S;
+  using Store = typename D::Store;
+  Store* p = static_cast<Store*>(data);
+  int8_t* codes = A.codes + pos0;
+  displacements<kIsa>(S, A, n, g0);
+  int status = kOk;
+  if (A.n_old > 0) {
+    decode<D>(S.theta, p, S.s_old, codes, n);
+    if (!lookup_table(S.theta, codes, n, pos0 / kTableChunk, A)) return kBadSlot;
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) S.theta[e] = p[e];
+    if (A.encode) mark_special<D>(codes, S.theta, n, A.tau);
+  }
+  const float alpha = A.scales[0];
+  constexpr bool k16 = sizeof(Store) == 2;
+  const bool sr = k16 && A.rounding;
+  if (sr) philox_element_words<kIsa>(S.words, n, g0, static_cast<uint64_t>(A.seeds[A.n_old + A.n_new]));
+  bool ok;
+  if (A.encode)  // encode needs round-to-nearest (checked by the op)
+    ok = store<D, false, true>(p, codes, S.theta, S.s_new, S.words, n, alpha);
+  else if (sr)
+    ok = store<D, k16, false>(p, codes, S.theta, S.s_new, S.words, n, alpha);
+  else
+    ok = store<D, false, false>(p, codes, S.theta, S.s_new, S.words, n, alpha);
+  if (!ok) status = kBadCode;
+  return status;
+}
+
+template <int kIsa>
+ZO_INLINE int exact_item_dispatch(const ExactArgs& A, void* data, at::ScalarType dtype, int64_t n,
+                                  uint64_t g0, int64_t pos0) {
+  switch (dtype) {
+    case at::kFloat: return exact_item_body<kIsa, F32>(A, data, n, g0, pos0);
+    case at::kBFloat16: return exact_item_body<kIsa, BF16>(A, data, n, g0, pos0);
+    default: return exact_item_body<kIsa, F16>(A, data, n, g0, pos0);
+  }
+}
+
+#define ZO_ITEM_ARGS \
+  const ExactArgs &A, void *data, at::ScalarType dtype, int64_t n, uint64_t g0, int64_t pos0
+#define ZO_ITEM_PASS A, data, dtype, n, g0, pos0
+
+using ItemFn = int (*)(ZO_ITEM_ARGS);
+
+int exact_item_base(ZO_ITEM_ARGS) { return exact_item_dispatch<0>(ZO_ITEM_PASS); }
+#if defined(ZO_X86_DISPATCH)
+ZO_TARGET_V3 int exact_item_v3(ZO_ITEM_ARGS) { return exact_item_dispatch<1>(ZO_ITEM_PASS); }
+ZO_TARGET_V4 int exact_item_v4(ZO_ITEM_ARGS) { return exact_item_dispatch<2>(ZO_ITEM_PASS); }
+#endif
+
+ItemFn pick_exact_item() {
+  switch (pick_isa()) {
+#if defined(ZO_X86_DISPATCH)
+    case 2: return exact_item_v4;
+    case 1: return exact_item_v3;
+#endif
+    default: return exact_item_base;
+  }
+}
+
+struct Item {
+  int64_t tensor;
+  int64_t start;
+};
+
+void noise_axpby_exact_cpu(at::TensorList params, at::IntArrayRef offsets, const at::Tensor& seeds,
+                           const at::Tensor& scales, int64_t n_old, const at::Tensor& codes,
+                           int64_t code_base, const at::Tensor& chunk_base,
+                           const at::Tensor& table_bits, double tau, bool encode, bool rounding,
+                           c10::string_view distribution) {
+  const char* op = "noise_axpby_exact_: ";
+  TORCH_CHECK(params.size() == offsets.size(), op, params.size(), " tensors but ", offsets.size(),
+              " offsets");
+  const bool gaussian = distribution == "gaussian";
+  TORCH_CHECK(gaussian || distribution == "rademacher", op, "unknown distribution ", distribution);
+  TORCH_CHECK(seeds.device().is_cpu() && seeds.scalar_type() == at::kLong && seeds.dim() == 1 &&
+                  seeds.is_contiguous(),
+              op, "seeds must be a contiguous int64 CPU vector");
+  const int64_t n_seeds = seeds.numel() - (rounding ? 1 : 0);
+  TORCH_CHECK(n_old >= 0 && n_seeds >= n_old, op, "n_old = ", n_old, " but ", n_seeds,
+              " direction seeds");
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
+                  scales.is_contiguous() && scales.numel() == n_seeds + 1,
+              op, "scales must be a contiguous float32 CPU vector of length ", n_seeds + 1);
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              op, "codes must be a contiguous int8 CPU tensor");
+  TORCH_CHECK(chunk_base.device().is_cpu() && chunk_base.scalar_type() == at::kInt &&
+                  chunk_base.is_contiguous() && table_bits.device().is_cpu() &&
+                  table_bits.scalar_type() == at::kInt && table_bits.is_contiguous(),
+              op, "chunk_base and table_bits must be contiguous int32 CPU tensors");
+  TORCH_CHECK(code_base >= 0 && code_base % kTableChunk == 0, op, "code_base must be a non-negative multiple of ",
+              kTableChunk);
+  const float* sc = scales.data_ptr<float>();
+  TORCH_CHECK(!encode || (sc[0] == 1.0f && !rounding), op,
+              "encode needs alpha == 1 and round-to-nearest stores");
+
+  ExactArgs A;
+  A.seeds = seeds.data_ptr<int64_t>();
+  A.scales = sc;
+  A.n_old = n_old;
+  A.n_new = n_seeds - n_old;
+  A.codes = codes.data_ptr<int8_t>();
+  A.chunk_base = chunk_base.data_ptr<int32_t>();
+  A.bits = table_bits.data_ptr<int32_t>();
+  A.n_bits = table_bits.numel();
+  A.tau = static_cast<float>(tau);
+  A.encode = encode;
+  A.rounding = rounding;
+  A.gaussian = gaussian;
+
+  const int64_t n_codes = codes.numel(), n_chunks = chunk_base.numel() - 1;
+  std::vector<Item> items;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const auto& p = params[k];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), op, "tensor ", k,
+                " must be a contiguous CPU tensor");
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf ||
+                    p.scalar_type() == at::kBFloat16,
+                op, "tensor ", k, " has dtype ", p.scalar_type(),
+                "; the cpu backend takes float32, float16 and bfloat16");
+    if (p.numel() == 0) continue;
+    TORCH_CHECK(offsets[k] >= code_base && offsets[k] % zo::kAlign == 0, op, "offset ", k,
+                " must be a multiple of ", zo::kAlign, " at or above code_base");
+    const int64_t pos = offsets[k] - code_base;
+    TORCH_CHECK(pos + p.numel() <= n_codes, op, "tensor ", k, " runs past the end of codes");
+    TORCH_CHECK(n_old == 0 || (pos + p.numel() - 1) / kTableChunk < n_chunks, op, "tensor ", k,
+                " runs past the end of chunk_base");
+    for (int64_t start = 0; start < p.numel(); start += kChunk) items.push_back({int64_t(k), start});
+  }
+
+  static const ItemFn item_fn = pick_exact_item();
+  std::atomic<int> status{kOk};
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto& p = params[items[i].tensor];
+      const int64_t start = items[i].start;
+      char* data = static_cast<char*>(p.data_ptr()) + start * p.element_size();
+      const int64_t g0 = offsets[items[i].tensor] + start;
+      const int s = item_fn(A, data, p.scalar_type(), std::min(kChunk, p.numel() - start),
+                            static_cast<uint64_t>(g0), g0 - code_base);
+      if (s != kOk) status.fetch_or(s, std::memory_order_relaxed);
+    }
+  });
+  const int s = status.load();
+  TORCH_CHECK(!(s & kBadSlot), op, "a table slot out of range: the table does not match the codes");
+  TORCH_CHECK(!(s & kBadCode), op, "a code out of range; tau is too small");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zo_opt, CPU, m) { m.impl("noise_axpby_exact_", &noise_axpby_exact_cpu); }
