@@ -343,7 +343,9 @@ void noise_axpby_exact_cpu(at::TensorList params, at::IntArrayRef offsets, const
     TORCH_CHECK(offsets[k] >= code_base && offsets[k] % zo::kAlign == 0, op, "offset ", k,
                 " must be a multiple of ", zo::kAlign, " at or above code_base");
     const int64_t pos = offsets[k] - code_base;
-    TORCH_CHECK(pos + p.numel() <= n_codes, op, "tensor ", k, " runs past the end of codes");
+    // a pass that neither decodes nor encodes (a stochastically rounded update) reads no code
+    TORCH_CHECK((n_old == 0 && !encode) || pos + p.numel() <= n_codes, op, "tensor ", k,
+                " runs past the end of codes");
     TORCH_CHECK(n_old == 0 || (pos + p.numel() - 1) / kTableChunk < n_chunks, op, "tensor ", k,
                 " runs past the end of chunk_base");
     for (int64_t start = 0; start < p.numel(); start += kChunk) items.push_back({int64_t(k), start});

@@ -57,6 +57,14 @@ class Table:
     count: int  # n_special
 
 
+def no_state(device: torch.device) -> tuple[torch.Tensor, "Table"]:
+    """Placeholder codes and table for a pass that neither decodes nor encodes (a plain pass
+    with a stochastically rounded store): kernels take their pointers but read nothing."""
+    codes = torch.zeros(1, dtype=torch.int8, device=device)
+    return codes, Table(chunk_base=torch.zeros(1, dtype=torch.int32, device=device),
+                        bits=torch.zeros(1, dtype=torch.int32, device=device), tau=0.0, count=0)
+
+
 def span(params: Sequence[torch.Tensor], offsets: Sequence[int]) -> tuple[int, int]:
     """(first global index, number of indices) covered by a group: the codes' extent."""
     base = offsets[0]

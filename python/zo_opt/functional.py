@@ -165,8 +165,6 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Sca
     seeds = [noise.check_seed(s) for s in seeds] + [noise.check_seed(rounding_seed)]
     plan = Prepared(params, backend=backend, base_offset=base_offset)
     for device, _ in plan.runners:
-        dummy_codes = torch.zeros(1, dtype=torch.int8, device=device)
-        no_table = exact.Table(chunk_base=torch.zeros(1, dtype=torch.int32, device=device),
-                               bits=torch.zeros(1, dtype=torch.int32, device=device), tau=0.0, count=0)
-        plan.exact_pass_(seeds_on(seeds, device), _scales_on(scales, device), 0, dummy_codes, 0,
-                         no_table, encode=False, rounding=True, distribution=distribution)
+        codes, table = exact.no_state(device)
+        plan.exact_pass_(seeds_on(seeds, device), _scales_on(scales, device), 0, codes, 0,
+                         table, encode=False, rounding=True, distribution=distribution)

@@ -383,8 +383,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             undo[disp_index] = 1.0
             scales = torch.cat([alpha.reshape(1), step - alpha * disp_scale * undo])
             if rounding:  # the plain pass with a stochastic-rounding store: n_old = 0
-                self._exact_pass(plan, k, ps, offs, seeds[:self.q + 1], scales, 0,
-                                 encode=False, rounding=True)
+                codes, table = exact_mod.no_state(dev)
+                plan.exact_pass_(seeds[:self.q + 1], scales, 0, codes, 0, table, encode=False,
+                                 rounding=True, distribution=self.distribution)
             else:
                 plan.noise_axpby_(seeds[:self.q], scales, distribution=self.distribution)
         self._displacement = None
