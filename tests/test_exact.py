@@ -62,6 +62,30 @@ def test_200_lr0_steps_restore_every_bit(backend, dtype, distribution):
     assert same_bits(p, start)
 
 
+def gpu_exact_backends():
+    if not torch.cuda.is_available():
+        return ["none"]
+    probe = torch.zeros(1, device="cuda")
+    return [b for b in zo_opt.available_backends()
+            if hasattr(BACKENDS[b], "prepare_exact") and BACKENDS[b].supports(probe)] or ["none"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", gpu_exact_backends())
+def test_gpu_200_lr0_steps_restore_every_bit(backend, dtype, distribution):
+    if backend == "none":
+        pytest.skip("no GPU backend with an exact pass")
+    p = hard_values(300_000, dtype).cuda()
+    start = p.clone()
+    opt = ZOOptimizer([p], lr=0.0, q=2, eps=1e-3, seed=3, distribution=distribution,
+                      backend=backend, exact=True)
+    for _ in range(200):
+        opt.step(lambda: p.float().square().sum())
+    assert same_bits(p, start)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_round_to_nearest_drifts_where_exact_does_not(dtype):
     """The failure the exact mode removes, measured: the MeZO-style +eps, -2eps, +eps loop and

@@ -35,8 +35,8 @@ fi
 $PY -c "import zo_opt; print('backends', zo_opt.available_backends(), zo_opt.unavailable_backends())"
 
 say "pytest -m gpu tests"
-timeout 120 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider >"$OUT_DIR/pytest-gpu.log" 2>&1
-rc=$?; tail -15 "$OUT_DIR/pytest-gpu.log"; say "pytest exit $rc"
+timeout 180 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider --durations=8 >"$OUT_DIR/pytest-gpu.log" 2>&1
+rc=$?; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/pytest-gpu.log" | tail -25; say "pytest exit $rc"
 
 say "benchmarks"
 timeout $((BUDGET_S + 30)) $PY benchmarks/gpu/driver.py --out "$OUT_DIR" --budget-s "$BUDGET_S" "$@"
