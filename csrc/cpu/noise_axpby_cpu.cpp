@@ -171,6 +171,9 @@ TORCH_LIBRARY(zo_opt, m) {
   m.def("cuda_table(Tensor[] params, int[] offsets) -> (Tensor, int)");
   m.def(
       "noise_axpby_table_(Tensor table, int n_tensors, int n_tiles, Tensor seeds, Tensor scales, str distribution) -> ()");
+  // CUDA only (csrc/cuda/exact_binding.cpp): the exact pass over a cuda_table
+  m.def(
+      "noise_axpby_exact_table_(Tensor table, int n_tensors, int n_tiles, Tensor seeds, Tensor scales, int n_old, Tensor(a!) codes, int code_base, Tensor chunk_base, Tensor table_bits, float tau, bool encode, bool rounding, str distribution) -> ()");
   // The exact pass of docs/EXACT.md (CPU: csrc/cpu/exact_cpu.cpp)
   m.def(
       "noise_axpby_exact_(Tensor(a!)[] params, int[] offsets, Tensor seeds, Tensor scales, int n_old, Tensor(b!) codes, int code_base, Tensor chunk_base, Tensor table_bits, float tau, bool encode, bool rounding, str distribution) -> ()");

@@ -9,7 +9,9 @@ Two ways in:
   table is built and uploaded once (``zo_opt::cuda_table``) and each pass is one launch
   (``zo_opt::noise_axpby_table_``) with seeds and scales already on the device: no per-call
   host work beyond the op call, no host->device copy, no sync, no allocation, so a pass can
-  be captured in a CUDA graph.
+  be captured in a CUDA graph;
+* ``prepare_exact(params, offsets)``: the exact pass of docs/EXACT.md on the same table
+  (``zo_opt::noise_axpby_exact_table_``), as capturable.
 """
 from __future__ import annotations
 
@@ -72,6 +74,65 @@ class PreparedCuda:
     run = __call__
 
 
+CHUNK = 128  # table chunks (zo_opt.exact.CHUNK): offsets and code_base are multiples of it
+
+
+class PreparedCudaExact:
+    """The exact pass of docs/EXACT.md over a fixed parameter list (csrc/cuda/exact.cu):
+    ``run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)``,
+    runner.exact_list_runner's signature. The tensor table is PreparedCuda's (built once); a
+    call checks metadata and Python ints only and launches once on the current stream (no
+    copy, no sync, no allocation: graph-capturable). ``seeds``: int64 [n_old + n_new (+1, the
+    rounding seed, with ``rounding``)]; ``scales``: float32 [1 + n_old + n_new]; ``codes``:
+    int8, ``codes[g - code_base]``; ``table``: a zo_opt.exact.Table; all on the params' device.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
+        params, offsets = list(params), list(offsets)
+        for p, o in zip(params, offsets):
+            if o % CHUNK:
+                raise ValueError(f"offset {o} is not a multiple of {CHUNK}: the exact pass needs "
+                                 "128-aligned offsets")
+        self.prepared = PreparedCuda(params, offsets)
+        kept = [(p.numel(), o) for p, o in zip(params, offsets) if p.numel() > 0]
+        # the codes' and chunks' extent the kernel touches: [first, end)
+        self.first = min((o for _, o in kept), default=0)
+        self.end = max((o + -(-n // CHUNK) * CHUNK for n, o in kept), default=0)
+        self._launch = torch.ops.zo_opt.noise_axpby_exact_table_.default if kept else None
+
+    def matches(self, params: Sequence[torch.Tensor]) -> bool:
+        return self.prepared.matches(params)
+
+    def __call__(self, seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
+                 code_base: int, table, encode: bool, rounding: bool, distribution: str) -> None:
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"Invalid distribution: {distribution!r}")
+        n_old, code_base, encode, rounding = int(n_old), int(code_base), bool(encode), bool(rounding)
+        if encode and rounding:
+            raise ValueError("encode needs round-to-nearest stores")
+        if code_base % CHUNK:
+            raise ValueError(f"code_base {code_base} is not a multiple of {CHUNK}")
+        n_new = scales.numel() - 1 - n_old
+        if n_old < 0 or n_new < 0 or seeds.numel() != n_old + n_new + rounding:
+            raise ValueError(f"{seeds.numel()} seeds and {scales.numel()} scales do not fit "
+                             f"n_old={n_old}, rounding={rounding}")
+        if self.prepared.n_tiles == 0:
+            return
+        if (n_old > 0 or encode) and (code_base > self.first or codes.numel() < self.end - code_base):
+            raise ValueError(f"codes [{code_base}, {code_base + codes.numel()}) do not cover the "
+                             f"parameters' indices [{self.first}, {self.end})")
+        if n_old > 0 and table.chunk_base.numel() * CHUNK < self.end - code_base:
+            raise ValueError("the side table's chunk_base does not cover the parameters")
+        if scales.dtype != torch.float32:
+            scales = scales.to(torch.float32)
+        p = self.prepared
+        self._launch(p.table, p.n_tensors, p.n_tiles, seeds, scales.contiguous(), n_old, codes,
+                     code_base, table.chunk_base, table.bits, float(table.tau), encode, rounding,
+                     distribution)
+
+    run = __call__
+
+
 class CudaBackend:
     name = "cuda"
 
@@ -98,6 +159,11 @@ class CudaBackend:
         The tensors must be contiguous CUDA float32/float16/bfloat16 tensors on one device,
         offsets non-negative multiples of 128 (``noise.offsets``); checked here, once."""
         return PreparedCuda(params, offsets)
+
+    def prepare_exact(self, params: Sequence[torch.Tensor], offsets: Sequence[int]) -> PreparedCudaExact:
+        """The exact pass (docs/EXACT.md) over this fixed list: one capturable launch per call
+        (PreparedCudaExact); offsets must be multiples of 128."""
+        return PreparedCudaExact(params, offsets)
 
 
 BACKEND = CudaBackend()

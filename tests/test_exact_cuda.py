@@ -1,0 +1,348 @@
+"""The CUDA exact pass (csrc/cuda/exact.cu, zo_opt::noise_axpby_exact_table_) against its
+torch reference (zo_opt.exact.exact_pass_): Rademacher bit for bit (params and codes),
+Gaussian close; central schedules back to the start bit for bit; stochastic rounding equal to
+the reference; a CUDA-graph capture equal to eager.
+
+Without a GPU: the kernel compiles with plain nvcc (test_cuda_backend.py covers every .cu for
+sm_90/sm_80 with no spills), the binding parses, the schema is there, the runner's checks.
+"""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo_opt import backends, exact, noise
+from zo_opt.backends.cpu import as_int64
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS = 2.0**-10
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+SCHEMA = ("zo_opt::noise_axpby_exact_table_(Tensor table, int n_tensors, int n_tiles, Tensor seeds, "
+          "Tensor scales, int n_old, Tensor(a!) codes, int code_base, Tensor chunk_base, "
+          "Tensor table_bits, float tau, bool encode, bool rounding, str distribution) -> ()")
+
+
+# --- CPU ---------------------------------------------------------------------------------------
+
+def test_schema_present():
+    from zo_opt import _extension
+
+    if _extension.load() is not None:
+        pytest.skip(f"extension not loadable here: {_extension.load()}")
+    assert str(torch.ops.zo_opt.noise_axpby_exact_table_.default._schema) == SCHEMA
+
+
+def test_kernel_is_in_the_compile_checks():
+    assert (ROOT / "csrc" / "cuda" / "exact.cu") in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+
+@pytest.mark.slow
+def test_exact_binding_parses_against_torch_headers():
+    from torch.utils.cpp_extension import CUDA_HOME, include_paths
+
+    cuda_include = Path(CUDA_HOME or "/usr/local/cuda") / "include"
+    if not (cuda_include / "cuda_runtime.h").is_file():
+        pytest.skip(f"CUDA headers not found ({cuda_include})")
+    if not (Path(include_paths()[0]) / "c10" / "cuda" / "CUDAGuard.h").is_file():
+        pytest.skip("this torch ships no c10/cuda headers")
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    import subprocess
+
+    run = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+                          *[f"-I{p}" for p in include_paths()], f"-I{cuda_include}",
+                          str(ROOT / "csrc" / "cuda" / "exact_binding.cpp")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_runner_checks_without_a_gpu(monkeypatch):
+    """Argument checks before any launch, and one launch with the table's counts."""
+    from zo_opt.backends import cuda as cuda_mod
+
+    launched = []
+
+    class Ops:
+        class zo_opt:  # noqa: N801
+            @staticmethod
+            def cuda_table(params, offsets):
+                return torch.zeros(8, dtype=torch.uint8), 3
+
+            class noise_axpby_exact_table_:  # noqa: N801
+                default = staticmethod(lambda *args: launched.append(args))
+
+            noise_axpby_table_ = noise_axpby_exact_table_
+
+    monkeypatch.setattr(cuda_mod.torch, "ops", Ops)
+    params = [torch.zeros(130), torch.zeros(5)]
+    with pytest.raises(ValueError):
+        cuda_mod.BACKEND.prepare_exact(params, [0, 64])
+    run = cuda_mod.BACKEND.prepare_exact(params, [256, 512])
+    table = exact.Table(chunk_base=torch.zeros(5, dtype=torch.int32), bits=torch.zeros(1, dtype=torch.int32),
+                        tau=0.5, count=0)
+    codes = torch.zeros(512, dtype=torch.int8)
+    seeds, scales = torch.zeros(2, dtype=torch.int64), torch.zeros(3)
+    with pytest.raises(ValueError):  # encode with rounding
+        run(seeds, scales[:2], 0, codes, 256, table, True, True, "rademacher")
+    with pytest.raises(ValueError):  # code_base not 128-aligned
+        run(seeds, scales, 1, codes, 3, table, True, False, "rademacher")
+    with pytest.raises(ValueError):  # seeds do not fit
+        run(seeds, scales, 1, codes, 256, table, False, True, "rademacher")
+    with pytest.raises(ValueError):  # codes too short for [256, 640)
+        run(seeds, scales, 1, codes[:100], 256, table, True, False, "rademacher")
+    with pytest.raises(ValueError):  # codes start after the first offset
+        run(seeds, scales, 1, codes, 384, table, True, False, "rademacher")
+    with pytest.raises(ValueError):
+        run(seeds, scales, 1, codes, 256, table, True, False, "uniform")
+    assert not launched
+    run(seeds, scales, 1, codes, 256, table, True, False, "rademacher")
+    assert len(launched) == 1 and launched[0][1:3] == (2, 3) and launched[0][5:8] == (1, codes, 256)
+    # a plain update with stochastic rounding touches no codes: a dummy buffer is fine
+    run(seeds[:2], scales[:2], 0, codes[:1], 0, table, False, True, "gaussian")
+    assert len(launched) == 2
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuda():
+    backend = backends.BACKENDS["cuda"]
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+    return backend
+
+
+def make_params(sizes, dtypes, seed=0):
+    """N(0, 0.02) weights with zeros, -0, tiny, subnormal, NaN, inf and huge values scattered."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n, dt in zip(sizes, dtypes):
+        x = torch.randn(n, generator=gen) * 0.02
+        big = torch.finfo(dt).max
+        vals = torch.tensor([0.0, -0.0, 1e-8, -3e-6, 1e-40, float("nan"), float("inf"), -float("inf"),
+                             big, -big * 0.75, big * 0.4, EPS, -EPS / 40, 1.0, -2.5])
+        m = min(n, len(vals))
+        x[torch.randperm(n, generator=gen)[:m]] = vals[torch.randperm(len(vals), generator=gen)[:m]]
+        out.append(x.to(dt).cuda())
+    return out
+
+
+def bits(t):
+    return t.view(INT[t.dtype])
+
+
+def same_bits(a, b):
+    nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    return bool(((bits(a) == bits(b)) | nan).all())
+
+
+def close(a, b, dt):
+    af, bf = a.float(), b.float()
+    nan = torch.isnan(af) & torch.isnan(bf)
+    tol = 4 * torch.finfo(dt).eps * bf.abs() + 8 * EPS * 2e-5 + 1e-30
+    return bool((nan | (af == bf) | ((af - bf).abs() <= tol)).all())
+
+
+class Pair:
+    """The CUDA op on ``params`` and the reference on copies, pass by pass."""
+
+    def __init__(self, cuda, params, offsets, distribution):
+        self.k, self.r = params, [p.clone() for p in params]
+        self.offsets, self.dist = offsets, distribution
+        self.base, n = exact.span(params, offsets)
+        self.kc = torch.zeros(n, dtype=torch.int8, device="cuda")
+        self.rc = self.kc.clone()
+        self.run = cuda.prepare_exact(params, offsets)
+        self.table = None
+
+    def new_table(self):
+        self.table = exact.build_table(self.k, self.offsets, exact.tau(EPS, self.dist))
+
+    def step(self, seeds, scales, n_old, encode, rounding_seed=None):
+        scales = torch.tensor(scales, dtype=torch.float32, device="cuda")
+        all_seeds = list(seeds) + ([rounding_seed] if rounding_seed is not None else [])
+        dev_seeds = torch.tensor([as_int64(s) for s in all_seeds], dtype=torch.int64, device="cuda")
+        self.run(dev_seeds, scales, n_old, self.kc, self.base, self.table, encode,
+                 rounding_seed is not None, self.dist)
+        exact.exact_pass_(self.r, self.offsets, list(seeds), scales, n_old, self.rc, self.base,
+                          self.table, encode=encode, rounding_seed=rounding_seed, distribution=self.dist)
+
+    def check(self, what=""):
+        for i, (a, b) in enumerate(zip(self.k, self.r)):
+            if self.dist == "rademacher":
+                assert same_bits(a, b), f"{what}: tensor {i} ({a.dtype})"
+            else:
+                assert close(a, b, a.dtype), f"{what}: tensor {i} ({a.dtype})"
+        if self.dist == "rademacher":
+            assert torch.equal(self.kc, self.rc), f"{what}: codes"
+        else:
+            assert torch.equal(self.kc == exact.ESC, self.rc == exact.ESC), f"{what}: ESC"
+
+
+def central_schedule(pair, seeds, lr_g=(), alpha=1.0, rounding_seed=None):
+    pair.new_table()
+    pair.step([seeds[0]], [1.0, EPS], 0, True)
+    pair.check("first")
+    for i, s in enumerate(seeds):
+        pair.step([s, s], [1.0, EPS, -EPS], 1, True)
+        pair.check(f"+- {i}")
+        if i + 1 < len(seeds):
+            pair.step([s, seeds[i + 1]], [1.0, -EPS, EPS], 1, True)
+            pair.check(f"-+ {i}")
+    coeffs = list(lr_g)
+    pair.step([seeds[-1], *seeds[:len(coeffs)]], [alpha, -EPS, *coeffs], 1, False, rounding_seed)
+    pair.check("last")
+
+
+# sizes around vectors, chunks, 16-bit and float32 tiles (8192 / 4096 elements)
+SIZES = (1, 3, 129, 4096 + 300, 8192 + 7, 20_000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_schedule_matches_reference_and_restores(cuda, dtype, distribution):
+    params = make_params(SIZES, [dtype] * len(SIZES))
+    start = [p.clone() for p in params]
+    pair = Pair(cuda, params, noise.offsets(SIZES), distribution)
+    central_schedule(pair, [5, 2**64 - 1])
+    for p, s in zip(params, start):
+        assert torch.equal(bits(p), bits(s))  # NaN payloads included (from the table)
+    assert (pair.kc == exact.ESC).sum() >= 15
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_mixed_dtypes_large_offsets_and_update(cuda, distribution):
+    """Three dtypes in one launch, counters past 2^32 (offsets from 2^41), two directions and an
+    update with weight decay; a view of codes off 8-byte alignment (byte accesses)."""
+    sizes = (130, 7, 300, 513, 9000, 4100)
+    dtypes = (torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float16, torch.float32)
+    params = make_params(sizes, dtypes, seed=1)
+    offsets = [2**41 + 256 + o for o in noise.offsets(sizes)]
+    pair = Pair(cuda, params, offsets, distribution)
+    pair.kc = torch.zeros(pair.kc.numel() + 1, dtype=torch.int8, device="cuda")[1:]
+    central_schedule(pair, [11, 2**33 + 1], lr_g=[-1e-3, 2.5e-4], alpha=1 - 1e-4)
+
+
+@pytest.mark.gpu
+def test_many_old_and_new_seeds(cuda):
+    sizes = (200, 1000, 9000)
+    params = make_params(sizes, [torch.bfloat16, torch.float16, torch.float32], seed=3)
+    start = [p.clone() for p in params]
+    pair = Pair(cuda, params, noise.offsets(sizes), "rademacher")
+    pair.new_table()
+    pair.step([1, 2], [1.0, EPS, EPS / 2], 0, True)
+    pair.check("first")
+    pair.step([1, 2, 3, 4, 5], [1.0, EPS, EPS / 2, EPS, -EPS / 4, EPS / 8], 2, True)
+    pair.check("middle")
+    pair.step([3, 4, 5], [1.0, EPS, -EPS / 4, EPS / 8], 3, False)
+    pair.check("restore")
+    for p, s in zip(params, start):
+        assert torch.equal(bits(p), bits(s))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stochastic_rounding_matches_reference(cuda, dtype):
+    sizes = (8192 + 5, 77)
+    params = make_params(sizes, [dtype] * 2, seed=4)
+    start = [p.clone() for p in params]
+    pair = Pair(cuda, params, noise.offsets(sizes), "rademacher")
+    ulp = float(torch.finfo(dtype).eps)
+    central_schedule(pair, [9], lr_g=[0.3 * ulp * 0.02], rounding_seed=noise.direction_seed(7, 3, 2**64 - 1))
+    if dtype != torch.float32:
+        assert (bits(params[0]) != bits(start[0])).float().mean() > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_stochastic_rounding_without_old_seeds(cuda, dtype):
+    """n_old = 0 with a rounding seed (zo_update_'s path: a one-byte dummy codes buffer)."""
+    gen = torch.Generator().manual_seed(5)
+    fin = torch.finfo(dtype)
+    x = torch.cat([torch.randn(600, generator=gen), torch.tensor(
+        [0.0, -0.0, fin.tiny, -fin.tiny, fin.max, -fin.max, float("inf"), float("nan")])])
+    params = [x.to(dtype).cuda()]
+    want = [params[0].clone()]
+    run = cuda.prepare_exact(params, [128])
+    table = exact.build_table(params, [128], exact.tau(EPS, "rademacher"))
+    seeds = torch.tensor([3, as_int64(2**63 + 17)], dtype=torch.int64, device="cuda")
+    scales = torch.tensor([0.999, fin.eps / 3], device="cuda")
+    run(seeds, scales, 0, torch.zeros(1, dtype=torch.int8, device="cuda"), 0, table, False, True, "rademacher")
+    exact.exact_pass_(want, [128], [3], scales, 0, torch.zeros(1, dtype=torch.int8, device="cuda"), 0, table,
+                      encode=False, rounding_seed=2**63 + 17, distribution="rademacher")
+    assert same_bits(params[0], want[0])
+
+
+@pytest.mark.gpu
+def test_graph_capture_matches_eager(cuda):
+    """The +-/-+ passes captured once in a CUDA graph and replayed: the same bits and codes as
+    eager passes, and the schedule still restores theta."""
+    sizes = (1, 129, 3 * 768 * 768 + 5, 1 << 18)
+    dtypes = (torch.bfloat16, torch.float16, torch.bfloat16, torch.float32)
+    params = make_params(sizes, dtypes, seed=8)
+    eager = [p.clone() for p in params]
+    start = [p.clone() for p in params]
+    offsets = noise.offsets(sizes)
+    base, n = exact.span(params, offsets)
+    table = exact.build_table(params, offsets, exact.tau(EPS, "rademacher"))
+    run, run_e = cuda.prepare_exact(params, offsets), cuda.prepare_exact(eager, offsets)
+    codes, codes_e = (torch.zeros(n, dtype=torch.int8, device="cuda") for _ in range(2))
+    seeds = torch.tensor([1, 1], dtype=torch.int64, device="cuda")
+    scales = torch.tensor([1.0, EPS], device="cuda")
+    for r, c in ((run, codes), (run_e, codes_e)):
+        r(seeds[:1], scales, 0, c, base, table, True, False, "rademacher")
+    s2 = torch.tensor([1.0, EPS, -EPS], device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up launch off the capture (occupancy query)
+        run_e(seeds, s2, 1, codes_e, base, table, True, False, "rademacher")
+        run_e(seeds, s2 * torch.tensor([1.0, -1.0, -1.0], device="cuda"), 1, codes_e, base, table, True,
+              False, "rademacher")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(seeds, s2, 1, codes, base, table, True, False, "rademacher")
+    for step in range(2):
+        s2.copy_(torch.tensor([1.0, EPS, -EPS], device="cuda"))
+        graph.replay()
+        s2.copy_(torch.tensor([1.0, -EPS, EPS], device="cuda"))
+        graph.replay()
+    for _ in range(1):  # eager: the warm-up did one +-/-+ round already
+        run_e(seeds, torch.tensor([1.0, EPS, -EPS], device="cuda"), 1, codes_e, base, table, True, False,
+              "rademacher")
+        run_e(seeds, torch.tensor([1.0, -EPS, EPS], device="cuda"), 1, codes_e, base, table, True, False,
+              "rademacher")
+    torch.cuda.synchronize()
+    for a, b in zip(params, eager):
+        assert same_bits(a, b)
+    assert torch.equal(codes, codes_e)
+    for r, c, ps in ((run, codes, params), (run_e, codes_e, eager)):
+        r(seeds[:1], torch.tensor([1.0, EPS], device="cuda"), 1, c, base, table, False, False, "rademacher")
+        for p, s in zip(ps, start):
+            assert torch.equal(bits(p), bits(s))
+
+
+@pytest.mark.gpu
+def test_exact_run_does_not_sync(cuda):
+    sizes = (4097, 768 * 3072)
+    params = make_params(sizes, [torch.bfloat16, torch.float32], seed=9)
+    offsets = noise.offsets(sizes)
+    base, n = exact.span(params, offsets)
+    table = exact.build_table(params, offsets, exact.tau(EPS, "gaussian"))
+    run = cuda.prepare_exact(params, offsets)
+    codes = torch.zeros(n, dtype=torch.int8, device="cuda")
+    seeds = torch.tensor([5, 5], dtype=torch.int64, device="cuda")
+    one, two = torch.tensor([1.0, EPS], device="cuda"), torch.tensor([1.0, EPS, -EPS], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(seeds[:1], one, 0, codes, base, table, True, False, "gaussian")
+        run(seeds, two, 1, codes, base, table, True, False, "gaussian")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
