@@ -70,12 +70,14 @@ def test_capturable_refuses_params_on_two_devices():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: stochastic rounding
 @pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in zo_opt.available_backends()]
                          or ["none"])
-def test_cuda_graph_replay_equals_eager_steps(backend):
+def test_cuda_graph_replay_equals_eager_steps(backend, dtype):
     if backend == "none":
         pytest.skip("no GPU backend available")
     A, b, p = least_squares(2, n=5000, device="cuda")
+    p = p.to(dtype)
     p_eager = p.clone()
     kw = dict(lr=0.05, q=4, seed=21, backend=backend)
     eager = ZOOptimizer([p_eager], capturable=True, **kw)
@@ -83,14 +85,14 @@ def test_cuda_graph_replay_equals_eager_steps(backend):
     x = torch.zeros_like(b)  # the captured closure reads this static buffer
 
     def closure():
-        return ((A @ p - b - x) ** 2).mean()
+        return ((A @ p.float() - b - x) ** 2).mean()
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: compiles kernels, builds tables and constants
         for _ in range(2):
             graphed.step(closure)
-            eager.step(lambda: ((A @ p_eager - b - x) ** 2).mean())
+            eager.step(lambda: ((A @ p_eager.float() - b - x) ** 2).mean())
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -99,7 +101,7 @@ def test_cuda_graph_replay_equals_eager_steps(backend):
     for k in range(5):
         x.fill_(0.01 * k)
         graph.replay()
-        expected = eager.step(lambda: ((A @ p_eager - b - x) ** 2).mean())
+        expected = eager.step(lambda: ((A @ p_eager.float() - b - x) ** 2).mean())
         torch.cuda.synchronize()
         assert torch.equal(loss, expected), k
         assert torch.equal(p, p_eager), k

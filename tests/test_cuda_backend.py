@@ -393,11 +393,12 @@ def ragged_mixed(dtype=None, seed=0):
     a tile (the kernel's tile walk advances 32 tensors per round)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     dtypes = [dtype] if dtype else DTYPES
-    storage = torch.randn(20_001, generator=g, device="cuda")
+    # two storages: .to() of a float32 view is the view itself, and the views must not overlap
+    storage = [torch.randn(20_001, generator=g, device="cuda") for _ in range(2)]
     out = []
     for i, n in enumerate([1, 3, 127, 129, 4095, 4097, 8191, 8193, 16385, 768 * 3072 + 5]):
         out.append(torch.randn(n, generator=g, device="cuda").to(dtypes[i % len(dtypes)]))
-    out += [storage[1:8194].to(dtypes[-1])[1:], storage[2:4100].to(dtypes[0])[1:]]  # off 16 B
+    out += [storage[0][1:8194].to(dtypes[-1])[1:], storage[1][2:4100].to(dtypes[0])[1:]]  # off 16 B
     out += [torch.empty(0, device="cuda", dtype=dtypes[0])] * 40
     out += [torch.randn(1 + 37 * i % 300, generator=g, device="cuda").to(dtypes[i % len(dtypes)])
             for i in range(70)]

@@ -164,6 +164,6 @@ def direction_seeds(base_seed: int, step: torch.Tensor, q: int, *, rounding: boo
     x = torch.full_like(step, _as_signed(_splitmix64(check_seed(base_seed))))
     x = _splitmix64_t(x ^ step)
     index = torch.arange(q + rounding, dtype=torch.int64, device=step.device)
-    if rounding:
-        index[q] = -1  # ROUNDING_INDEX as int64
+    if rounding:  # ROUNDING_INDEX as int64; masked_fill, as an index assignment copies from the host
+        index = index.masked_fill(index == q, -1)
     return _splitmix64_t(x.reshape(1) ^ index)

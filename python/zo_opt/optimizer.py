@@ -379,8 +379,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  torch.cat([alpha.reshape(1), self._constant((disp_scale,), dev), step]),
                                  1, encode=False, rounding=rounding)
                 continue
-            undo = torch.zeros_like(c)
-            undo[disp_index] = 1.0
+            # a cached one-hot: an index assignment would copy from the host (not capturable)
+            undo = self._constant(tuple(float(i == disp_index) for i in range(self.q)), dev)
             scales = torch.cat([alpha.reshape(1), step - alpha * disp_scale * undo])
             if rounding:  # the plain pass with a stochastic-rounding store: n_old = 0
                 codes, table = exact_mod.no_state(dev)
