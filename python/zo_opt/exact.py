@@ -80,7 +80,8 @@ def raw_bits(flat: torch.Tensor) -> torch.Tensor:
 
 
 def build_table(params: Sequence[torch.Tensor], offsets: Sequence[int], tau_: float) -> Table:
-    """The side table of a group (syncs once: the number of special elements)."""
+    """The side table of a group: per slice of a tensor, the mask, its per-chunk counts and
+    the masked bits (one host sync per slice, for the number of special elements)."""
     base, n = span(params, offsets)
     device = params[0].device
     counts = torch.zeros(n // CHUNK, dtype=torch.int32, device=device)
@@ -90,10 +91,10 @@ def build_table(params: Sequence[torch.Tensor], offsets: Sequence[int], tau_: fl
         for start in range(0, flat.numel(), TABLE_SLICE):
             part = flat[start:start + TABLE_SLICE]
             mask = special(part, tau_, p.dtype)
-            where = mask.nonzero().reshape(-1)
-            chunk = (o - base + start + where) // CHUNK
-            counts.index_add_(0, chunk, torch.ones_like(chunk, dtype=torch.int32))
-            bits.append(raw_bits(part[where]))
+            padded = torch.nn.functional.pad(mask, (0, -part.numel() % CHUNK))
+            first = (o - base + start) // CHUNK
+            counts[first:first + padded.numel() // CHUNK] = padded.view(-1, CHUNK).sum(1, dtype=torch.int32)
+            bits.append(raw_bits(part[mask]))
     chunk_base = torch.cat([torch.zeros(1, dtype=torch.int32, device=device),
                             torch.cumsum(counts, 0, dtype=torch.int32)])
     flat_bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.int32, device=device)
