@@ -240,6 +240,45 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
     return rows
 
 
+def bf16_step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget: Budget) -> list[dict]:
+    """A bfloat16 GPT-2 step per GPU backend, round-to-nearest vs exact restore + stochastic
+    rounding (the default for 16-bit weights): what exact mode costs a whole step."""
+    label = size if isinstance(size, str) else size.name
+    model = GPT2(size, torch.bfloat16, device)
+    x, y = batch(size, batch_size, seq, device)
+    params = list(model.parameters())
+    snapshot = [p.detach().clone() for p in params]
+    rows = []
+    for backend in [b for b in workloads.zo_backends(device) if b != "torch"]:
+        for exact in (False, True):
+            row = dict(kind="step", workload=f"step q={q}, GPT-2 {label} bf16 fwd {batch_size}x{seq}",
+                       dtype="bfloat16", distribution="gaussian", q=q,
+                       impl=f"zo-opt[{backend}] " + ("exact + SR" if exact else "round to nearest"))
+            if not budget.left():
+                rows.append(dict(row, skipped="time budget spent"))
+                continue
+            opt = zo_opt.ZOOptimizer(params, lr=workloads.LR, q=q, eps=workloads.EPS,
+                                     seed=workloads.SEED, backend=backend, exact=exact,
+                                     stochastic_rounding=exact)
+            forwards = workloads.Clock(device)
+            closure = workloads.forward_closure(model, x, y, forwards)
+            workloads.timed_step(opt, closure, forwards, device)  # warm-up
+            runs = [workloads.timed_step(opt, closure, forwards, device) for _ in range(reps)]
+            step_s = workloads.median([s for s, _ in runs])
+            fwd_s = workloads.median([f for _, f in runs])
+            rows.append(dict(row, seconds=step_s, forward_s=fwd_s, outside_s=step_s - fwd_s,
+                             outside_share=1 - fwd_s / step_s, peak_extra_share=None,
+                             sm_mhz=sm_clock_mhz(device)))
+            with torch.no_grad():
+                for p, p0 in zip(params, snapshot):
+                    p.copy_(p0)
+            del opt, closure
+            free(device)
+    del model, params, snapshot
+    free(device)
+    return rows
+
+
 def graphed_step_rows(model, x, y, q, label, batch_size, seq, reps, budget) -> list[dict]:
     """The step as one CUDA graph (ZOOptimizer(capturable=True)) per GPU backend."""
     params = list(model.parameters())
@@ -361,6 +400,9 @@ def main(argv=None) -> Path:
         t0 = time.monotonic()
         rows += step_rows(step_size, q, batch_size, seq, args.device, step_reps, budget)
         print(f"[driver] steps q={q}: {time.monotonic() - t0:.1f} s", flush=True)
+    t0 = time.monotonic()
+    rows += bf16_step_rows(step_size, qs[-1], batch_size, seq, args.device, step_reps, budget)
+    print(f"[driver] bf16 steps: {time.monotonic() - t0:.1f} s", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
