@@ -213,7 +213,10 @@ def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     table = [line for line in text.splitlines() if line.startswith("| ")]
     impls = {line.split(" | ")[3] for line in table[1:]}
     assert {"copy", "zo-opt[cpu]", "mezo-loop", "old-loop"} <= impls
-    assert sum("step q=" in line for line in table) == 2 * 3  # q=1,2 x zo-opt[cpu], two loops
+    # q=1,2 x (zo-opt[cpu], two loops), then the bf16 step: round to nearest vs exact + SR
+    assert sum("step q=" in line for line in table) == 2 * 3 + 2
+    assert {"zo-opt[cpu] round to nearest", "zo-opt[cpu] exact + SR"} <= impls
+    assert any(line.startswith("| 3 passes out and back") and "exact" in line for line in table)
     assert "rademacher" in text and "bfloat16" in text
     rows = json.loads(md.with_suffix(".json").read_text())["rows"]
     assert all("seconds" in r or "skipped" in r for r in rows)
