@@ -253,7 +253,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         return plan
 
     def _groups(self):
-        """(k, params, offsets, prepared) per group; offsets are global over all groups."""
+        """(k, group, params, offsets, prepared) per group; offsets are global over all
+        groups. Taken once per step (``self._step_groups``): the passes reuse it, so a pass
+        does no work per tensor on the host."""
         params = self._params()
         offsets = noise.offsets([p.numel() for p in params])
         start = 0
@@ -285,7 +287,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         else:
             (first, c) = old if old is not None else new
             coeffs = (-c,) if old is not None else (c,)
-        for _, group, ps, offs, plan in self._groups():
+        for _, group, ps, offs, plan in self._step_groups:
             for device, seeds in self._seeds.items():
                 if ps[0].device == device:
                     plan.noise_axpby_(seeds[first:first + len(coeffs)],
@@ -306,7 +308,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _begin_exact(self) -> None:
         """The side tables of this step, from theta before its first displacement."""
         tau = exact_mod.tau(self.eps, self.distribution)
-        self._tables = {k: exact_mod.build_table(ps, offs, tau) for k, _, ps, offs, _ in self._groups()}
+        self._tables = {k: exact_mod.build_table(ps, offs, tau) for k, _, ps, offs, _ in self._step_groups}
 
     def _exact_pass(self, plan, k, ps, offs, seeds, scales, n_old, *, encode, rounding) -> None:
         codes, base, table = self._exact_state(k, ps, offs)
@@ -314,7 +316,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                          rounding=rounding, distribution=self.distribution)
 
     def _shift_exact(self, old, new) -> None:
-        for k, _, ps, offs, plan in self._groups():
+        for k, _, ps, offs, plan in self._step_groups:
             seeds = self._seeds[ps[0].device]
             picked = [term[0] for term in (old, new) if term is not None]
             if len(picked) == 2 and picked[1] == picked[0] + 1:
@@ -353,7 +355,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The last pass per group: undo the displacement, then decay and step (SGD), or
         update the momentum buffers and step. ``ok`` masks the update on a non-finite loss."""
         disp_index, disp_scale = self._displacement
-        for k, group, ps, offs, plan in self._groups():
+        for k, group, ps, offs, plan in self._step_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             dev = ps[0].device
             seeds = self._seeds[dev]
@@ -429,6 +431,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                             "from loss evaluations, it cannot use .grad")
         self._pass_index = _takes_index(closure)
         seeds = self._step_seeds()
+        self._step_groups = list(self._groups())
         self._displacement = None
         if self.exact:
             self._begin_exact()
