@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from zo_opt import exact, noise
+from zo_opt.functional import Prepared
 
 from . import workloads
 from .shapes import make_params
@@ -32,13 +33,17 @@ def test_pass_cycle(benchmark, params, mode, distribution):
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
 
 
-def test_side_table(benchmark, params):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_side_table(benchmark, params, backend):
+    """The table's two passes (count, fill) in C++ against the torch reference's slices."""
     dtype, ps = params
-    offsets = noise.offsets([p.numel() for p in ps])
+    reason = workloads.backend_skip_reason(backend, "cpu")
+    if reason:
+        pytest.skip(reason)
+    plan = Prepared(ps, backend=backend)
     tau = exact.tau(workloads.EPS, "gaussian")
     benchmark.group = f"exact vs plain, 3 passes, 20M {dtype}"
-    benchmark.extra_info.update(impl="side table (once a step)", distribution="gaussian",
-                                size="20M", dtype=dtype, bytes=workloads.param_bytes(ps),
-                                params=sum(p.numel() for p in ps))
-    benchmark.pedantic(lambda: exact.build_table(ps, offsets, tau), rounds=3, warmup_rounds=1,
-                       iterations=1)
+    benchmark.extra_info.update(impl=f"zo-opt[{backend}] side table (once a step)",
+                                distribution="gaussian", size="20M", dtype=dtype,
+                                bytes=workloads.param_bytes(ps), params=sum(p.numel() for p in ps))
+    benchmark.pedantic(lambda: plan.build_table(tau), rounds=3, warmup_rounds=1, iterations=1)

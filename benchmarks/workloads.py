@@ -19,7 +19,6 @@ import torch
 
 import zo_opt
 from zo_opt import exact as zo_exact
-from zo_opt import noise as zo_noise
 from zo_opt.backends import BACKENDS
 
 from . import baselines
@@ -105,10 +104,9 @@ def make_pass_cycle(backend: str, params: list[torch.Tensor], distribution: str 
             for scales in (plus, flip, back):
                 plan.noise_axpby_(seed, scales, distribution=distribution)
         return cycle
-    offsets = zo_noise.offsets([p.numel() for p in params])
-    base, n = zo_exact.span(params, offsets)
+    base, n = zo_exact.span(plan.params, plan.offsets)
     codes = torch.zeros(n, dtype=torch.int8, device=device)
-    table = zo_exact.build_table(params, offsets, zo_exact.tau(EPS, distribution))
+    table = plan.build_table(zo_exact.tau(EPS, distribution))
     plus, flip, back = const(EPS), const(EPS, -EPS), const(-EPS)
 
     def cycle():

@@ -3,6 +3,8 @@ chosen before triton is first imported (importing torch does not import it); on 
 machine the kernels run compiled unless TRITON_INTERPRET says otherwise."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,19 @@ KAT_PATH = Path(__file__).parent / "data" / "noise_kat.json"
 def kat():
     """Known answers of the noise contract (a copy of shared/design/noise_kat.json)."""
     return json.loads(KAT_PATH.read_text())
+
+
+@pytest.fixture(scope="session")
+def compile_reports():
+    """``reports(*args)``: the JSON lines of ``python -m zo_kernels.compile_check 90 *args``,
+    run in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler here)."""
+    def reports(*args: str) -> list[dict]:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-m", "zo_kernels.compile_check", "90", *args],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+    return reports
 
 
 @pytest.fixture(autouse=True)

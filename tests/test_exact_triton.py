@@ -5,10 +5,6 @@ start bit for bit; stochastic rounding bit-equal to the reference.
 
 Without a GPU the kernel runs under TRITON_INTERPRET=1 (conftest.py) on small CPU tensors.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -272,15 +268,11 @@ def test_prepared_list_uses_the_kernel():
 
 # --- compilation ---------------------------------------------------------------------------
 
-def test_exact_kernel_compiles_for_sm90():
-    """triton.compile for sm_90 (no GPU; a subprocess: the interpreter replaces the compiler
-    here). No approximate math; with enable_fp_fusion=False no fma outside libdevice (so none
-    in Rademacher kernels); aligned tiles use the vector loads and stores the plain kernel does."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "zo_kernels.compile_check", "90", "exact"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+def test_exact_kernel_compiles_for_sm90(compile_reports):
+    """triton.compile for sm_90 without a GPU. No approximate math; with
+    enable_fp_fusion=False no fma outside libdevice (so none in Rademacher kernels); aligned
+    tiles use the vector loads and stores the plain kernel does."""
+    reports = compile_reports("exact")
     assert len(reports) == 10
     for r in reports:
         assert r["kernel"] == "exact" and r["cubin_bytes"] > 0 and r["approx"] == [], r

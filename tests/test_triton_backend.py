@@ -3,10 +3,6 @@
 Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest.py) on small CPU tensors;
 on a GPU they run compiled, and the `gpu` tests repeat the checks at full size.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -198,15 +194,10 @@ def test_perturb_then_restore_is_exact():
 
 # --- compilation ---------------------------------------------------------------------------
 
-def test_every_kernel_compiles_for_sm90():
-    """triton.compile for a CUDA sm_90 target, no GPU needed; in a subprocess because the
-    interpreter replaces the compiler in this one. No approximate math may appear, and aligned
-    tensors must get 8- or 16-byte vector loads and stores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "zo_kernels.compile_check", "90"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+def test_every_kernel_compiles_for_sm90(compile_reports):
+    """triton.compile for a CUDA sm_90 target, no GPU needed. No approximate math may appear,
+    and aligned tensors must get 8- or 16-byte vector loads and stores."""
+    reports = compile_reports()
     assert len(reports) == 12
     for r in reports:
         assert r["cubin_bytes"] > 0 and r["approx"] == [], r

@@ -2,6 +2,7 @@
 
     python -m zo_kernels.compile_check [arch]         # prints one JSON line per variant
     python -m zo_kernels.compile_check [arch] exact   # the same for the exact pass (exact.py)
+    python -m zo_kernels.compile_check [arch] table   # the side table's kernels (exact_table.py)
 
 Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a subprocess).
 Each line reports what a reviewer would grep the PTX for: approximate math instructions
@@ -18,7 +19,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import exact, noise_axpby
+from . import exact, exact_table, noise_axpby
 from .tensor_table import VECTOR_BYTES
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -41,10 +42,16 @@ def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSo
 def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
     compiled = triton.compile(source(dtype, rademacher, aligned), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": noise_axpby.NUM_WARPS})
-    ptx = compiled.asm["ptx"]
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
-            "cubin_bytes": len(compiled.asm["cubin"]),
+            **summary(compiled)}
+
+
+def summary(compiled) -> dict:
+    """What the PTX shows: approximate math, fma instructions, global load/store widths."""
+    ptx = compiled.asm["ptx"]
+    return {"cubin_bytes": len(compiled.asm["cubin"]),
             "approx": sorted(set(re.findall(r"\b\w+\.approx[\w.]*", ptx))),
+            "fma": sorted(set(re.findall(r"\bfma\.[\w.]*", ptx))),
             "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
             "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx)))}
 
@@ -84,19 +91,38 @@ def exact_report(dtype: str, rademacher: bool, variant: tuple, arch: int) -> dic
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": noise_axpby.NUM_WARPS,
                                        "enable_fp_fusion": False})
-    ptx = compiled.asm["ptx"]
     return {"kernel": "exact", "variant": variant[0], "dtype": dtype, "rademacher": rademacher,
-            "aligned": variant[5], "arch": arch, "cubin_bytes": len(compiled.asm["cubin"]),
-            "approx": sorted(set(re.findall(r"\b\w+\.approx[\w.]*", ptx))),
-            "fma": sorted(set(re.findall(r"\bfma\.[\w.]*", ptx))),
-            "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
-            "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx)))}
+            "aligned": variant[5], "arch": arch, **summary(compiled)}
+
+
+def table_report(kernel, dtype: str, arch: int) -> dict:
+    """The side table's count or fill kernel (exact_table.py) for one dtype."""
+    import torch
+
+    signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
+                 "counts_ptr": "*i32", "chunk_base_ptr": "*i32", "bits_ptr": "*i32",
+                 "code_base": "i64", "tau": "fp32"}
+    signature = {name: signature[name] for name in kernel.arg_names if name in signature}
+    constexprs = {"BIG": exact.BIGS[getattr(torch, TORCH_DTYPES[dtype])], "ALIGNED": True,
+                  "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype], "BLOCK": exact_table.BLOCK}
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16
+             for name in signature if name.endswith("_ptr") or name == "code_base"}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                       attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": exact_table.NUM_WARPS})
+    return {"kernel": kernel.__name__, "dtype": dtype, "arch": arch, **summary(compiled)}
 
 
 def main(arch: int = 90, which: str = "noise") -> None:
     if noise_axpby.INTERPRETED:
         sys.exit("compile_check needs the compiler: unset TRITON_INTERPRET")
     for dtype in ELEMENT_BYTES:
+        if which == "table":
+            for kernel in (exact_table.count_kernel, exact_table.fill_kernel):
+                print(json.dumps(table_report(kernel, dtype, arch)), flush=True)
+            continue
         for rademacher in (False, True):
             if which == "exact":  # every pass kind in bfloat16, the middle passes in all
                 for variant in EXACT_VARIANTS:

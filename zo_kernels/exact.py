@@ -101,6 +101,13 @@ def _sr_bits(y, w, DT: tl.constexpr):
 
 
 @triton.jit
+def special(theta, tau, BIG: tl.constexpr):
+    """docs/EXACT.md special(theta): !(|theta| >= tau) || |theta| > max/2 (NaN is special)."""
+    a = tl.abs(theta)
+    return (a < tau) | (a != a) | (a > BIG)
+
+
+@triton.jit
 def _z_tile(seed, g0, RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
@@ -222,8 +229,7 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     else:
         theta_bits = xbits
         theta = xf
-        a = tl.abs(xf)
-        esc = (a < tau) | (a != a) | (a > BIG)  # !(a >= tau) || a > max/2
+        esc = special(xf, tau, BIG)
 
     y = tl.load(scales_ptr) * theta
     y = tl.where(s_new != 0.0, y + s_new, y)  # -0 + 0 would be +0
@@ -248,6 +254,29 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
             tl.store(cptrs, new_code, mask=mask)
 
 
+def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int]) -> list:
+    """(tensors, tensor table) per dtype among the non-empty ``params``: one launch each.
+    Offsets must be multiples of 128 (the side table's chunks, docs/EXACT.md)."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for p, o in zip(params, offsets):
+        if p.dtype not in DTYPES:
+            raise TypeError(f"the exact Triton kernels take {DTYPES}, not {p.dtype}")
+        if o % CHUNK:
+            raise ValueError(f"offset {o} is not a multiple of {CHUNK}: the exact mode "
+                             "needs 128-aligned offsets")
+        if p.numel():
+            ps, os_ = groups.setdefault(p.dtype, ([], []))
+            ps.append(p)
+            os_.append(o)
+    return [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in groups.values()]
+
+
+def device_of(tensors: Sequence[torch.Tensor]):
+    """Launch on the tensors' GPU (a no-op context under the interpreter)."""
+    device = tensors[0].device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     """The tensor tables of ``params`` (one per dtype), built once; returns
     ``run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)``
@@ -257,18 +286,7 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     params' device: no copy, no host sync, so it can be graph-captured.
 
     Offsets and code_base must be multiples of 128 (the table's chunks, docs/EXACT.md)."""
-    groups: dict[torch.dtype, tuple[list, list]] = {}
-    for p, o in zip(params, offsets):
-        if p.dtype not in DTYPES:
-            raise TypeError(f"the exact Triton kernel takes {DTYPES}, not {p.dtype}")
-        if o % CHUNK:
-            raise ValueError(f"offset {o} is not a multiple of {CHUNK}: the exact pass "
-                             "needs 128-aligned offsets")
-        if p.numel():
-            ps, os_ = groups.setdefault(p.dtype, ([], []))
-            ps.append(p)
-            os_.append(o)
-    launches = [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in groups.values()]
+    launches = dtype_launches(params, offsets)
 
     def run(seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
             code_base: int, table, encode: bool, rounding: bool, distribution: str) -> None:
@@ -289,8 +307,7 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
         if seeds.numel() == 0:  # the kernel takes a valid pointer even when it reads none
             seeds = torch.zeros(1, dtype=torch.int64, device=scales.device)
         for ps, tt in launches:
-            device = ps[0].device
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            with device_of(ps):
                 exact_kernel[(tt.n_blocks,)](
                     ps[tt.base_index], tt.rows, tt.block_map, seeds, scales, n_old, n_new,
                     codes, code_base, table.chunk_base, table.bits, float(table.tau),

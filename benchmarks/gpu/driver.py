@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import torch  # noqa: E402
 
 import zo_opt  # noqa: E402
+from zo_opt import exact as zo_exact  # noqa: E402
 from benchmarks import workloads  # noqa: E402
 from benchmarks.gpt2 import GPT2, batch  # noqa: E402
 from benchmarks.shapes import SIZES, GPT2Size, make_params  # noqa: E402
@@ -177,17 +178,16 @@ def exact_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list
                 rows.append(dict(row, seconds=t, gbps=nbytes / t / 1e9, sm_mhz=sm_clock_mhz(device)))
             if len(times) == 2:
                 rows[-1]["overhead"] = times[True] / times[False] - 1
-    if budget.left():
-        from zo_opt import exact as zo_exact, noise as zo_noise
-
-        offsets = zo_noise.offsets([p.numel() for p in params])
-        tau = zo_exact.tau(workloads.EPS, "gaussian")
-        t = workloads.median(workloads.time_fn(lambda: zo_exact.build_table(params, offsets, tau),
-                                               device, reps=3))
-        table = zo_exact.build_table(params, offsets, tau)
-        n = sum(p.numel() for p in params)
+    tau = zo_exact.tau(workloads.EPS, "gaussian")
+    for backend in workloads.zo_backends(device):
+        if not budget.left():
+            break
+        plan = zo_opt.functional.Prepared(params, backend=backend)
+        t = workloads.median(workloads.time_fn(lambda: plan.build_table(tau), device, reps=3))
+        table = plan.build_table(tau)
         rows.append(dict(kind="pass", workload=f"side table {label} (once a step)", dtype=dtype_name,
-                         distribution="gaussian", impl=f"build_table: {table.count / n:.2%} special",
+                         distribution="gaussian",
+                         impl=f"zo-opt[{backend}] table: {table.count / sum(p.numel() for p in params):.2%} special",
                          seconds=t, gbps=workloads.param_bytes(params) / t / 1e9,
                          sm_mhz=sm_clock_mhz(device)))
     del params

@@ -20,7 +20,7 @@
 #include <atomic>
 #include <vector>
 
-#include "cpu_noise.h"
+#include "exact_cpu.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
@@ -29,38 +29,6 @@
 #endif
 
 namespace {
-
-constexpr int32_t kEsc = -128;
-constexpr int64_t kTableChunk = 128;  // EXACT.md: chunks of the side table
-static_assert(kChunk % kTableChunk == 0, "work items hold whole table chunks");
-
-// The parameter dtypes as raw bits (uint32, zero-extended) <-> float32, and round to nearest
-// even back to the dtype's bits (the header's branch-free conversions).
-struct F32 {
-  using Store = uint32_t;
-  static constexpr uint32_t kMag = 0x7fffffffu;
-  static constexpr float kBig = 1.70141173319264429905852091742258462e+38f;  // max / 2
-  ZO_HD static float to_f(uint32_t b) { return zo::bits_to_float(b); }
-  ZO_HD static uint32_t rn(float f) { return zo::float_to_bits(f); }
-};
-struct BF16 {
-  using Store = uint16_t;
-  static constexpr uint32_t kMag = 0x7fffu;
-  static constexpr float kBig = 1.69477678e+38f;  // 0x7f7f as float, / 2 (exact)
-  ZO_HD static float to_f(uint32_t b) { return zo::bf16_to_float(static_cast<uint16_t>(b)); }
-  ZO_HD static uint32_t rn(float f) { return zo::float_to_bf16_rne(f); }
-};
-struct F16 {
-  using Store = uint16_t;
-  static constexpr uint32_t kMag = 0x7fffu;
-  static constexpr float kBig = 32752.0f;  // 65504 / 2
-  ZO_HD static float to_f(uint32_t b) { return zo::half_to_float(static_cast<uint16_t>(b)); }
-  ZO_HD static uint32_t rn(float f) { return zo::float_to_half_rne(f); }
-};
-
-ZO_INLINE float abs_f(float f) { return zo::bits_to_float(zo::float_to_bits(f) & 0x7fffffffu); }
-ZO_INLINE bool is_nan(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) > 0x7f800000u; }
-ZO_INLINE bool is_finite(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) < 0x7f800000u; }
 
 // EXACT.md "Stochastic rounding", for a 16-bit dtype: lo = y rounded toward zero (bits), hi
 // one step away from zero; hi with probability (|y| - |lo|) / (|hi| - |lo|). Every float
@@ -173,11 +141,7 @@ template <class D>
 ZO_INLINE void mark_special(int8_t* __restrict codes, const uint32_t* __restrict theta, int64_t n,
                             float tau) {
 #pragma omp simd
-  for (int64_t e = 0; e < n; ++e) {
-    const float a = abs_f(D::to_f(theta[e]));
-    const uint32_t special = static_cast<uint32_t>(!(a >= tau)) | static_cast<uint32_t>(a > D::kBig);
-    codes[e] = static_cast<int8_t>(special << 7);  // ESC = 0x80 or 0
-  }
+  for (int64_t e = 0; e < n; ++e) codes[e] = static_cast<int8_t>(is_special<D>(theta[e], tau) << 7);  // ESC or 0
 }
 
 // p = RN or SR(alpha * theta [+ s_new]); codes = mag(theta) - mag(RN(p - s_new)) or ESC.

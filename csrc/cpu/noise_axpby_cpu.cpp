@@ -177,6 +177,10 @@ TORCH_LIBRARY(zo_opt, m) {
   // The exact pass of docs/EXACT.md (CPU: csrc/cpu/exact_cpu.cpp)
   m.def(
       "noise_axpby_exact_(Tensor(a!)[] params, int[] offsets, Tensor seeds, Tensor scales, int n_old, Tensor(b!) codes, int code_base, Tensor chunk_base, Tensor table_bits, float tau, bool encode, bool rounding, str distribution) -> ()");
+  // Its side table, counted then filled (CPU: csrc/cpu/exact_table_cpu.cpp)
+  m.def("exact_table_count_(Tensor[] params, int[] offsets, int code_base, float tau, Tensor(a!) counts) -> ()");
+  m.def(
+      "exact_table_fill_(Tensor[] params, int[] offsets, int code_base, float tau, Tensor chunk_base, Tensor(a!) bits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(zo_opt, CPU, m) { m.impl("noise_axpby_", &noise_axpby_cpu); }

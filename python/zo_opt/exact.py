@@ -6,7 +6,8 @@ bit for bit (Rademacher) or up to the float32 rounding of Box-Muller (Gaussian):
 * ``build_table(params, offsets, tau)``: the side table of the elements too small (or too
   large, or not finite) for a one-byte code: ``chunk_base`` (int32, per 128-element chunk of
   the group's global index range: how many such elements come before it) and ``bits`` (their
-  raw bits, int32, in global index order).
+  raw bits, int32, in global index order); counted, summed, then filled
+  (``count_special_`` / ``fill_special_``, the passes every backend implements).
 * ``exact_pass_(...)``: one pass that first recovers theta exactly from the stored value,
   the code and the old displacement, then stores the new value (and its code).
 * ``stochastic_round(y, dtype, words)``: float32 -> float16/bfloat16, rounding up with
@@ -16,7 +17,7 @@ bit for bit (Rademacher) or up to the float32 rounding of Box-Muller (Gaussian):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -79,29 +80,59 @@ def raw_bits(flat: torch.Tensor) -> torch.Tensor:
     return bits if int_dtype == torch.int32 else bits & 0xFFFF
 
 
-def build_table(params: Sequence[torch.Tensor], offsets: Sequence[int], tau_: float) -> Table:
-    """The side table of a group: per slice of a tensor, the mask, its per-chunk counts and
-    the masked bits (one host sync per slice, for the number of special elements)."""
-    base, n = span(params, offsets)
-    device = params[0].device
-    counts = torch.zeros(n // CHUNK, dtype=torch.int32, device=device)
-    bits = []
+Count = Callable[[int, float, torch.Tensor], None]  # (code_base, tau, counts)
+Fill = Callable[[int, float, torch.Tensor, torch.Tensor], None]  # (code_base, tau, chunk_base, bits)
+
+
+def _slices(params: Sequence[torch.Tensor], offsets: Sequence[int], code_base: int):
+    """(slice of a tensor, its dtype, its first table chunk), TABLE_SLICE elements at most."""
     for p, o in zip(params, offsets):
         flat = p.detach().reshape(-1)
         for start in range(0, flat.numel(), TABLE_SLICE):
-            part = flat[start:start + TABLE_SLICE]
-            mask = special(part, tau_, p.dtype)
-            padded = torch.nn.functional.pad(mask, (0, -part.numel() % CHUNK))
-            first = (o - base + start) // CHUNK
-            counts[first:first + padded.numel() // CHUNK] = padded.view(-1, CHUNK).sum(1, dtype=torch.int32)
-            bits.append(raw_bits(part[mask]))
-    chunk_base = torch.cat([torch.zeros(1, dtype=torch.int32, device=device),
-                            torch.cumsum(counts, 0, dtype=torch.int32)])
-    flat_bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.int32, device=device)
-    count = flat_bits.numel()
-    if count == 0:
-        flat_bits = torch.zeros(1, dtype=torch.int32, device=device)
-    return Table(chunk_base=chunk_base, bits=flat_bits, tau=tau_, count=count)
+            yield flat[start:start + TABLE_SLICE], p.dtype, (o - code_base + start) // CHUNK
+
+
+def count_special_(params: Sequence[torch.Tensor], offsets: Sequence[int], code_base: int,
+                   tau_: float, counts: torch.Tensor) -> None:
+    """``counts[c]`` = the special elements of table chunk ``c`` (global index
+    ``code_base + 128 c`` on), for the chunks ``params`` cover; the others are left alone."""
+    for part, dtype, first in _slices(params, offsets, code_base):
+        mask = special(part, tau_, dtype)
+        padded = torch.nn.functional.pad(mask, (0, -part.numel() % CHUNK))
+        counts[first:first + padded.numel() // CHUNK] = padded.view(-1, CHUNK).sum(1, dtype=torch.int32)
+
+
+def fill_special_(params: Sequence[torch.Tensor], offsets: Sequence[int], code_base: int,
+                  tau_: float, chunk_base: torch.Tensor, bits: torch.Tensor) -> None:
+    """The raw bits of the special elements of ``params``, each at its slot: ``chunk_base``
+    of its chunk plus the special elements before it in the chunk (one host sync a slice)."""
+    for part, dtype, first in _slices(params, offsets, code_base):
+        mask = special(part, tau_, dtype)
+        found = raw_bits(part[mask])
+        start = int(chunk_base[first])
+        bits[start:start + found.numel()] = found
+
+
+def build_table(params: Sequence[torch.Tensor], offsets: Sequence[int], tau_: float, *,
+                count_: Count | None = None, fill_: Fill | None = None) -> Table:
+    """The side table of a group: count the special elements per chunk, take the exclusive
+    prefix sum (``chunk_base``), size ``bits`` from its total (one host sync) and fill it.
+    ``count_`` / ``fill_`` are a backend's passes over ``params`` (default: the reference's);
+    neither allocates anything parameter-sized."""
+    base, n = span(params, offsets)
+    device = params[0].device
+    if count_ is None:
+        count_ = lambda *a: count_special_(params, offsets, *a)  # noqa: E731
+    if fill_ is None:
+        fill_ = lambda *a: fill_special_(params, offsets, *a)  # noqa: E731
+    chunk_base = torch.zeros(n // CHUNK + 1, dtype=torch.int32, device=device)
+    count_(base, tau_, chunk_base[1:])
+    chunk_base = torch.cumsum(chunk_base, 0, dtype=torch.int32)
+    count = int(chunk_base[-1])
+    bits = torch.zeros(max(count, 1), dtype=torch.int32, device=device)
+    if count:
+        fill_(base, tau_, chunk_base, bits)
+    return Table(chunk_base=chunk_base, bits=bits, tau=tau_, count=count)
 
 
 # -- rounding ---------------------------------------------------------------------------------

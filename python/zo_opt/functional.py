@@ -73,6 +73,7 @@ class Prepared:
         elif len(offsets) != len(params):
             raise ValueError(f"offsets has {len(offsets)} entries for {len(params)} params")
         self.key = self.layout(params)
+        self.params, self.offsets = params, list(offsets)
         work: dict[tuple[str, torch.device], tuple[list, list]] = {}
         for p, o in zip(params, offsets):
             if p.numel():
@@ -112,6 +113,20 @@ class Prepared:
             self._exact_runners = [b.prepare_exact(ps, os_) for b, _, ps, os_ in self.work]
         for run in self._exact_runners:
             run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)
+
+    @torch.no_grad()
+    def build_table(self, tau: float) -> exact.Table:
+        """The side table of docs/EXACT.md over this list's global index range, each backend
+        counting and filling its own tensors (one host sync, for the table's size)."""
+        def count_(*args):
+            for b, _, ps, os_ in self.work:
+                b.count_special_(ps, os_, *args)
+
+        def fill_(*args):
+            for b, _, ps, os_ in self.work:
+                b.fill_special_(ps, os_, *args)
+
+        return exact.build_table(self.params, self.offsets, tau, count_=count_, fill_=fill_)
 
 
 @torch.no_grad()

@@ -308,7 +308,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _begin_exact(self) -> None:
         """The side tables of this step, from theta before its first displacement."""
         tau = exact_mod.tau(self.eps, self.distribution)
-        self._tables = {k: exact_mod.build_table(ps, offs, tau) for k, _, ps, offs, _ in self._step_groups}
+        self._tables = {k: plan.build_table(tau) for k, _, _, _, plan in self._step_groups}
 
     def _exact_pass(self, plan, k, ps, offs, seeds, scales, n_old, *, encode, rounding) -> None:
         codes, base, table = self._exact_state(k, ps, offs)

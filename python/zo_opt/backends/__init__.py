@@ -45,6 +45,18 @@ class Backend(Protocol):
     def prepare(self, params: Sequence[torch.Tensor], offsets: Sequence[int]) -> Runner:
         ...
 
+    def prepare_exact(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
+        """The exact pass of docs/EXACT.md over a fixed list (runner.ExactRunner)."""
+
+    def count_special_(self, params: Sequence[torch.Tensor], offsets: Sequence[int],
+                       code_base: int, tau: float, counts: torch.Tensor) -> None:
+        """The side table's counts per 128-element chunk (zo_opt.exact.count_special_)."""
+
+    def fill_special_(self, params: Sequence[torch.Tensor], offsets: Sequence[int],
+                      code_base: int, tau: float, chunk_base: torch.Tensor,
+                      bits: torch.Tensor) -> None:
+        """The side table's bits at their slots (zo_opt.exact.fill_special_)."""
+
 
 def _optional(module_name: str):
     """Backends whose modules need optional packages register themselves if importable."""

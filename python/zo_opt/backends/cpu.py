@@ -41,6 +41,17 @@ class CpuBackend:
     def prepare_exact(self, params, offsets):
         return exact_runner(params, offsets)
 
+    @staticmethod
+    def count_special_(params, offsets, code_base, tau, counts):
+        """The side table's counts (docs/EXACT.md), one parallel pass (csrc/cpu/exact_table_cpu.cpp)."""
+        torch.ops.zo_opt.exact_table_count_(list(params), list(offsets), int(code_base),
+                                            float(tau), counts)
+
+    @staticmethod
+    def fill_special_(params, offsets, code_base, tau, chunk_base, bits):
+        torch.ops.zo_opt.exact_table_fill_(list(params), list(offsets), int(code_base),
+                                           float(tau), chunk_base, bits)
+
 
 def exact_runner(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     """The exact pass of docs/EXACT.md over a fixed list (``zo_opt::noise_axpby_exact_``):

@@ -38,5 +38,8 @@ class TorchBackend:
     def prepare_exact(self, params, offsets):
         return exact_list_runner(exact.exact_pass_, params, offsets)
 
+    count_special_ = staticmethod(exact.count_special_)
+    fill_special_ = staticmethod(exact.fill_special_)
+
 
 BACKEND = TorchBackend()

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from zo_kernels import exact as exact_kernels
+from zo_kernels import exact_table
 from zo_kernels import noise_axpby as kernels
 
 
@@ -38,6 +39,9 @@ class TritonBackend:
     def prepare_exact(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
         """The exact pass of docs/EXACT.md (zo_kernels/exact.py): launch-only, capturable."""
         return exact_kernels.prepare_exact(params, offsets)
+
+    count_special_ = staticmethod(exact_table.count_special_)  # the side table's two passes
+    fill_special_ = staticmethod(exact_table.fill_special_)
 
 
 BACKEND = TritonBackend()

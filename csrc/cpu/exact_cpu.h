@@ -1,0 +1,49 @@
+// What the CPU side of the exact mode (docs/EXACT.md) shares between the exact pass
+// (exact_cpu.cpp) and the side table (exact_table_cpu.cpp): the parameter dtypes as raw bits,
+// and which elements the table keeps.
+#pragma once
+
+#include "cpu_noise.h"
+
+namespace {
+
+constexpr int32_t kEsc = -128;
+constexpr int64_t kTableChunk = 128;  // EXACT.md: chunks of the side table
+static_assert(kChunk % kTableChunk == 0, "work items hold whole table chunks");
+
+// The parameter dtypes as raw bits (uint32, zero-extended) <-> float32, and round to nearest
+// even back to the dtype's bits (the header's branch-free conversions).
+struct F32 {
+  using Store = uint32_t;
+  static constexpr uint32_t kMag = 0x7fffffffu;
+  static constexpr float kBig = 1.70141173319264429905852091742258462e+38f;  // max / 2
+  ZO_HD static float to_f(uint32_t b) { return zo::bits_to_float(b); }
+  ZO_HD static uint32_t rn(float f) { return zo::float_to_bits(f); }
+};
+struct BF16 {
+  using Store = uint16_t;
+  static constexpr uint32_t kMag = 0x7fffu;
+  static constexpr float kBig = 1.69477678e+38f;  // 0x7f7f as float, / 2 (exact)
+  ZO_HD static float to_f(uint32_t b) { return zo::bf16_to_float(static_cast<uint16_t>(b)); }
+  ZO_HD static uint32_t rn(float f) { return zo::float_to_bf16_rne(f); }
+};
+struct F16 {
+  using Store = uint16_t;
+  static constexpr uint32_t kMag = 0x7fffu;
+  static constexpr float kBig = 32752.0f;  // 65504 / 2
+  ZO_HD static float to_f(uint32_t b) { return zo::half_to_float(static_cast<uint16_t>(b)); }
+  ZO_HD static uint32_t rn(float f) { return zo::float_to_half_rne(f); }
+};
+
+ZO_INLINE float abs_f(float f) { return zo::bits_to_float(zo::float_to_bits(f) & 0x7fffffffu); }
+ZO_INLINE bool is_nan(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) > 0x7f800000u; }
+ZO_INLINE bool is_finite(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) < 0x7f800000u; }
+
+// EXACT.md special(theta): !(|theta| >= tau) || |theta| > max / 2 (NaN fails the first).
+template <class D>
+ZO_INLINE uint32_t is_special(uint32_t bits, float tau) {
+  const float a = abs_f(D::to_f(bits));
+  return static_cast<uint32_t>(!(a >= tau)) | static_cast<uint32_t>(a > D::kBig);
+}
+
+}  // namespace

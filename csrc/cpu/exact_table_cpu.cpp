@@ -1,0 +1,157 @@
+// CPU side table of the exact mode (docs/EXACT.md "The state of an exact step"; reference:
+// python/zo_opt/exact.py count_special_ / fill_special_). Built in two parallel passes over
+// theta, with the exclusive prefix sum between them done by the caller:
+//
+//   exact_table_count_: counts[c] = the special elements of table chunk c (128 elements)
+//   exact_table_fill_:  bits[chunk_base[c] + rank in chunk] = the raw bits of each of them
+//
+// Work items are kChunk (2048) elements of one tensor, so whole table chunks (offsets and
+// code_base are 128-aligned). Neither pass allocates; the fill skips empty chunks.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "exact_cpu.h"
+
+namespace {
+
+struct TableItem {
+  const void* data;
+  at::ScalarType dtype;
+  int64_t n;
+  int64_t chunk0;  // table chunk of the item's first element
+};
+
+// The special flags of up to one table chunk, as raw bits of each dtype.
+template <class D>
+ZO_INLINE void flags(uint8_t* __restrict out, const typename D::Store* __restrict p, int64_t n,
+                     float tau) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) out[e] = static_cast<uint8_t>(is_special<D>(p[e], tau));
+}
+
+template <class D>
+ZO_INLINE void count_item(const TableItem& it, float tau, int32_t* counts) {
+  const auto* p = static_cast<const typename D::Store*>(it.data);
+  alignas(64) uint8_t f[kTableChunk];
+  for (int64_t c0 = 0; c0 < it.n; c0 += kTableChunk) {
+    const int64_t len = std::min(kTableChunk, it.n - c0);
+    flags<D>(f, p + c0, len, tau);
+    int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t e = 0; e < len; ++e) sum += f[e];
+    counts[it.chunk0 + c0 / kTableChunk] = sum;
+  }
+}
+
+// Returns false if a chunk holds more special elements than chunk_base gives it room for.
+template <class D>
+ZO_INLINE bool fill_item(const TableItem& it, float tau, const int32_t* chunk_base, int32_t* bits) {
+  const auto* p = static_cast<const typename D::Store*>(it.data);
+  alignas(64) uint8_t f[kTableChunk];
+  for (int64_t c0 = 0; c0 < it.n; c0 += kTableChunk) {
+    const int64_t c = it.chunk0 + c0 / kTableChunk;
+    int64_t slot = chunk_base[c];
+    const int64_t end = chunk_base[c + 1];
+    if (slot == end) continue;
+    const int64_t len = std::min(kTableChunk, it.n - c0);
+    flags<D>(f, p + c0, len, tau);
+    for (int64_t e = 0; e < len; ++e) {
+      if (!f[e]) continue;
+      if (slot >= end) return false;
+      bits[slot++] = static_cast<int32_t>(static_cast<uint32_t>(p[c0 + e]));
+    }
+    if (slot != end) return false;
+  }
+  return true;
+}
+
+template <class Fn>
+ZO_INLINE auto dispatch(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(F32{});
+    case at::kBFloat16: return fn(BF16{});
+    default: return fn(F16{});
+  }
+}
+
+// The work items of a pass: checks each tensor against code_base and n_chunks.
+std::vector<TableItem> table_items(const char* op, at::TensorList params, at::IntArrayRef offsets,
+                                   int64_t code_base, int64_t n_chunks) {
+  TORCH_CHECK(params.size() == offsets.size(), op, params.size(), " tensors but ", offsets.size(),
+              " offsets");
+  TORCH_CHECK(code_base >= 0 && code_base % kTableChunk == 0, op,
+              "code_base must be a non-negative multiple of ", kTableChunk);
+  std::vector<TableItem> items;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const auto& p = params[k];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), op, "tensor ", k,
+                " must be a contiguous CPU tensor");
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf ||
+                    p.scalar_type() == at::kBFloat16,
+                op, "tensor ", k, " has dtype ", p.scalar_type(),
+                "; the side table takes float32, float16 and bfloat16");
+    if (p.numel() == 0) continue;
+    TORCH_CHECK(offsets[k] >= code_base && offsets[k] % kTableChunk == 0, op, "offset ", k,
+                " must be a multiple of ", kTableChunk, " at or above code_base");
+    const int64_t pos = offsets[k] - code_base;
+    TORCH_CHECK((pos + p.numel() - 1) / kTableChunk < n_chunks, op, "tensor ", k,
+                " runs past the last table chunk");
+    const char* data = static_cast<const char*>(p.data_ptr());
+    for (int64_t start = 0; start < p.numel(); start += kChunk)
+      items.push_back({data + start * p.element_size(), p.scalar_type(),
+                       std::min(kChunk, p.numel() - start), (pos + start) / kTableChunk});
+  }
+  return items;
+}
+
+void check_int32(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous(),
+              op, name, " must be a contiguous int32 CPU vector");
+}
+
+void exact_table_count_cpu(at::TensorList params, at::IntArrayRef offsets, int64_t code_base,
+                           double tau, const at::Tensor& counts) {
+  const char* op = "exact_table_count_: ";
+  check_int32(op, "counts", counts);
+  const auto items = table_items(op, params, offsets, code_base, counts.numel());
+  int32_t* out = counts.data_ptr<int32_t>();
+  const float t = static_cast<float>(tau);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      dispatch(items[i].dtype, [&](auto d) { count_item<decltype(d)>(items[i], t, out); });
+  });
+}
+
+void exact_table_fill_cpu(at::TensorList params, at::IntArrayRef offsets, int64_t code_base,
+                          double tau, const at::Tensor& chunk_base, const at::Tensor& bits) {
+  const char* op = "exact_table_fill_: ";
+  check_int32(op, "chunk_base", chunk_base);
+  check_int32(op, "bits", bits);
+  const auto items = table_items(op, params, offsets, code_base, chunk_base.numel() - 1);
+  const int32_t* base = chunk_base.data_ptr<int32_t>();
+  const int64_t n_chunks = chunk_base.numel() - 1;
+  TORCH_CHECK(n_chunks >= 0 && base[0] >= 0 && base[n_chunks] <= bits.numel(), op,
+              "chunk_base runs past the ", bits.numel(), " entries of bits");
+  int32_t* out = bits.data_ptr<int32_t>();
+  const float t = static_cast<float>(tau);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      if (!dispatch(items[i].dtype, [&](auto d) { return fill_item<decltype(d)>(items[i], t, base, out); }))
+        ok.store(false, std::memory_order_relaxed);
+  });
+  TORCH_CHECK(ok.load(), op, "chunk_base does not match the special elements of params "
+              "(made with another tau, or params changed since the count)");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zo_opt, CPU, m) {
+  m.impl("exact_table_count_", &exact_table_count_cpu);
+  m.impl("exact_table_fill_", &exact_table_fill_cpu);
+}
