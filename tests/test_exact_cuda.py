@@ -15,10 +15,11 @@ import torch
 from zo_opt import backends, exact, noise
 from zo_opt.backends.cpu import as_int64
 
+import exact_pair
+from exact_pair import EPS, bits, central_schedule, same_bits
+
 ROOT = Path(__file__).resolve().parents[1]
-EPS = 2.0**-10
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 SCHEMA = ("zo_opt::noise_axpby_exact_table_(Tensor table, int n_tensors, int n_tiles, Tensor seeds, "
           "Tensor scales, int n_old, Tensor(a!) codes, int code_base, Tensor chunk_base, "
           "Tensor table_bits, float tau, bool encode, bool rounding, str distribution) -> ()")
@@ -115,86 +116,12 @@ def cuda():
     return backend
 
 
-def make_params(sizes, dtypes, seed=0):
-    """N(0, 0.02) weights with zeros, -0, tiny, subnormal, NaN, inf and huge values scattered."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for n, dt in zip(sizes, dtypes):
-        x = torch.randn(n, generator=gen) * 0.02
-        big = torch.finfo(dt).max
-        vals = torch.tensor([0.0, -0.0, 1e-8, -3e-6, 1e-40, float("nan"), float("inf"), -float("inf"),
-                             big, -big * 0.75, big * 0.4, EPS, -EPS / 40, 1.0, -2.5])
-        m = min(n, len(vals))
-        x[torch.randperm(n, generator=gen)[:m]] = vals[torch.randperm(len(vals), generator=gen)[:m]]
-        out.append(x.to(dt).cuda())
-    return out
+def make_params(sizes, dtypes, **kw):
+    return exact_pair.make_params(sizes, dtypes, "cuda", **kw)
 
 
-def bits(t):
-    return t.view(INT[t.dtype])
-
-
-def same_bits(a, b):
-    nan = torch.isnan(a.float()) & torch.isnan(b.float())
-    return bool(((bits(a) == bits(b)) | nan).all())
-
-
-def close(a, b, dt):
-    af, bf = a.float(), b.float()
-    nan = torch.isnan(af) & torch.isnan(bf)
-    tol = 4 * torch.finfo(dt).eps * bf.abs() + 8 * EPS * 2e-5 + 1e-30
-    return bool((nan | (af == bf) | ((af - bf).abs() <= tol)).all())
-
-
-class Pair:
-    """The CUDA op on ``params`` and the reference on copies, pass by pass."""
-
-    def __init__(self, cuda, params, offsets, distribution):
-        self.k, self.r = params, [p.clone() for p in params]
-        self.offsets, self.dist = offsets, distribution
-        self.base, n = exact.span(params, offsets)
-        self.kc = torch.zeros(n, dtype=torch.int8, device="cuda")
-        self.rc = self.kc.clone()
-        self.run = cuda.prepare_exact(params, offsets)
-        self.table = None
-
-    def new_table(self):
-        self.table = exact.build_table(self.k, self.offsets, exact.tau(EPS, self.dist))
-
-    def step(self, seeds, scales, n_old, encode, rounding_seed=None):
-        scales = torch.tensor(scales, dtype=torch.float32, device="cuda")
-        all_seeds = list(seeds) + ([rounding_seed] if rounding_seed is not None else [])
-        dev_seeds = torch.tensor([as_int64(s) for s in all_seeds], dtype=torch.int64, device="cuda")
-        self.run(dev_seeds, scales, n_old, self.kc, self.base, self.table, encode,
-                 rounding_seed is not None, self.dist)
-        exact.exact_pass_(self.r, self.offsets, list(seeds), scales, n_old, self.rc, self.base,
-                          self.table, encode=encode, rounding_seed=rounding_seed, distribution=self.dist)
-
-    def check(self, what=""):
-        for i, (a, b) in enumerate(zip(self.k, self.r)):
-            if self.dist == "rademacher":
-                assert same_bits(a, b), f"{what}: tensor {i} ({a.dtype})"
-            else:
-                assert close(a, b, a.dtype), f"{what}: tensor {i} ({a.dtype})"
-        if self.dist == "rademacher":
-            assert torch.equal(self.kc, self.rc), f"{what}: codes"
-        else:
-            assert torch.equal(self.kc == exact.ESC, self.rc == exact.ESC), f"{what}: ESC"
-
-
-def central_schedule(pair, seeds, lr_g=(), alpha=1.0, rounding_seed=None):
-    pair.new_table()
-    pair.step([seeds[0]], [1.0, EPS], 0, True)
-    pair.check("first")
-    for i, s in enumerate(seeds):
-        pair.step([s, s], [1.0, EPS, -EPS], 1, True)
-        pair.check(f"+- {i}")
-        if i + 1 < len(seeds):
-            pair.step([s, seeds[i + 1]], [1.0, -EPS, EPS], 1, True)
-            pair.check(f"-+ {i}")
-    coeffs = list(lr_g)
-    pair.step([seeds[-1], *seeds[:len(coeffs)]], [alpha, -EPS, *coeffs], 1, False, rounding_seed)
-    pair.check("last")
+def Pair(cuda, params, offsets, distribution):  # noqa: N802  (builds an exact_pair.Pair)
+    return exact_pair.Pair(cuda.prepare_exact(params, offsets), params, offsets, distribution)
 
 
 # sizes around vectors, chunks, 16-bit and float32 tiles (8192 / 4096 elements)

@@ -8,8 +8,10 @@ import zo_opt
 from zo_opt import exact, noise
 from zo_opt.functional import Prepared
 
+from exact_pair import EPS, make_params
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TAU = exact.tau(1e-3, "gaussian")
+TAU = exact.tau(EPS, "gaussian")
 
 
 def backend_device(backend):
@@ -34,17 +36,6 @@ def backend(request):
     if device is None:
         pytest.skip(f"backend {request.param!r}: {zo_opt.unavailable_backends()[request.param]}")
     return request.param, torch.device(device)
-
-
-def planted(n, dtype, gen):
-    """N(0, 0.02) weights with every kind of special value scattered in (several per chunk)."""
-    x = torch.randn(n, generator=gen) * 0.02
-    big = torch.finfo(dtype).max
-    vals = torch.tensor([0.0, -0.0, 1e-8, -3e-6, 1e-40, float("nan"), float("inf"), -float("inf"),
-                         big, -big * 0.75, big * 0.4, TAU, -TAU * 0.99, 1.0])
-    where = torch.randperm(n, generator=gen)[:min(n, 3 * len(vals))]
-    x[where] = vals.repeat(3)[:where.numel()]
-    return x.to(dtype)
 
 
 def oracle(params, offsets, tau):
@@ -76,9 +67,8 @@ def test_ragged_mixed_dtypes_with_gaps(backend):
     """Several tiles per tensor, three dtypes in one list, empty tensors, unused chunks between
     tensors and a group that starts above 2^32."""
     name, device = backend
-    gen = torch.Generator().manual_seed(1)
     sizes = [5000, 1, 0, 9000, 129, 4096, 300]
-    params = [planted(n, DTYPES[k % 3], gen).to(device) for k, n in enumerate(sizes)]
+    params = make_params(sizes, [DTYPES[k % 3] for k in range(len(sizes))], device, seed=1)
     offsets = [2**33 + 256 * k + o for k, o in enumerate(noise.offsets(sizes))]
     table = Prepared(params, backend=name, offsets=offsets).build_table(TAU)
     check(table, params, offsets, TAU)
@@ -99,8 +89,7 @@ def test_without_special_elements(backend, dtype):
 def test_every_or_no_finite_element(backend, tau):
     """tau = 0: only non-finite and huge values are special; tau huge: every element is."""
     name, device = backend
-    gen = torch.Generator().manual_seed(2)
-    params = [planted(700, torch.bfloat16, gen).to(device), planted(300, torch.float32, gen).to(device)]
+    params = make_params([700, 300], [torch.bfloat16, torch.float32], device, seed=2)
     offsets = noise.offsets([700, 300])
     check(Prepared(params, backend=name, offsets=offsets).build_table(tau), params, offsets, tau)
 
@@ -135,8 +124,7 @@ def test_cpu_fill_rejects_a_stale_count():
     table with holes."""
     if "cpu" not in zo_opt.available_backends():
         pytest.skip("the C++ CPU backend is not built")
-    gen = torch.Generator().manual_seed(3)
-    params = [planted(2000, torch.float32, gen)]
+    params = make_params([2000], [torch.float32], "cpu", seed=3)
     counts = torch.zeros(2000 // 128 + 2, dtype=torch.int32)
     torch.ops.zo_opt.exact_table_count_(params, [0], 0, TAU, counts[1:])
     chunk_base = counts.cumsum(0, dtype=torch.int32)

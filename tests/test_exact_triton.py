@@ -19,110 +19,24 @@ pytestmark = [pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not
 from zo_kernels import exact as kernel  # noqa: E402  (after the skip: needs triton)
 from zo_kernels import noise_axpby  # noqa: E402
 
+import exact_pair  # noqa: E402
+from exact_pair import EPS, bits, central_schedule, same_bits  # noqa: E402
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DISTS = noise.DISTRIBUTIONS
-EPS = 2.0**-10
-INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def device():
     return torch.device("cpu" if noise_axpby.INTERPRETED else "cuda")
 
 
-def make_params(sizes, dtypes, seed=0, specials=True):
-    """N(0, 0.02) weights; the first tensors start with the values the side table is for."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for k, (n, dt) in enumerate(zip(sizes, dtypes)):
-        x = torch.randn(n, generator=gen) * 0.02
-        if specials:
-            big = torch.finfo(dt).max
-            vals = torch.tensor([0.0, -0.0, 1e-8, -3e-6, 1e-40, float("nan"), float("inf"),
-                                 -float("inf"), big, -big * 0.75, big * 0.4, EPS, -EPS / 40,
-                                 1.0, -2.5])
-            vals = vals[torch.randperm(len(vals), generator=gen)]
-            m = min(n, len(vals))
-            # scatter them over the tensor (several in one 128-chunk, at chunk ends too)
-            where = torch.randperm(n, generator=gen)[:m]
-            x[where] = vals[:m]
-        out.append(x.to(dt).to(device()))
-    return out
+def make_params(sizes, dtypes, **kw):
+    return exact_pair.make_params(sizes, dtypes, device(), **kw)
 
 
-def bits(t):
-    return t.view(INT[t.dtype])
-
-
-def same_bits(a, b):
-    """Bit-equal, except that any NaN equals any NaN (payloads of rounded NaNs differ)."""
-    nan = torch.isnan(a.float()) & torch.isnan(b.float())
-    return bool(((bits(a) == bits(b)) | nan).all())
-
-
-def close(a, b, dt):
-    """Gaussian: the same up to a few ulps of the stored dtype (z differs by float32 rounding)."""
-    af, bf = a.float().cpu(), b.float().cpu()
-    nan = torch.isnan(af) & torch.isnan(bf)
-    tol = 4 * torch.finfo(dt).eps * bf.abs() + 8 * EPS * 2e-5 + 1e-30
-    return bool((nan | (af == bf) | ((af - bf).abs() <= tol)).all())
-
-
-class Pair:
-    """The kernel on ``params`` and the reference on copies of them, pass by pass."""
-
-    def __init__(self, params, offsets, distribution):
-        self.k, self.r = params, [p.clone() for p in params]
-        self.offsets, self.dist = offsets, distribution
-        self.base, n = exact.span(params, offsets)
-        self.kc = torch.zeros(n, dtype=torch.int8, device=device())
-        self.rc = self.kc.clone()
-        self.run = kernel.prepare_exact(params, offsets)
-        self.table = None
-
-    def new_table(self):
-        """Built at the start of a step from theta (the two sides hold the same theta)."""
-        self.table = exact.build_table(self.k, self.offsets, exact.tau(EPS, self.dist))
-
-    def step(self, seeds, scales, n_old, encode, rounding_seed=None):
-        scales = torch.tensor(scales, dtype=torch.float32, device=device())
-        all_seeds = list(seeds) + ([rounding_seed] if rounding_seed is not None else [])
-        dev_seeds = torch.tensor([noise_axpby.as_int64(s) for s in all_seeds] or [0],
-                                 dtype=torch.int64, device=device())[:len(all_seeds)]
-        self.run(dev_seeds, scales, n_old, self.kc, self.base, self.table, encode,
-                 rounding_seed is not None, self.dist)
-        exact.exact_pass_(self.r, self.offsets, list(seeds), scales, n_old, self.rc, self.base,
-                          self.table, encode=encode, rounding_seed=rounding_seed,
-                          distribution=self.dist)
-
-    def check(self, what=""):
-        for i, (a, b) in enumerate(zip(self.k, self.r)):
-            if self.dist == "rademacher":
-                assert same_bits(a, b), f"{what}: tensor {i} ({a.dtype})"
-            else:
-                assert close(a, b, a.dtype), f"{what}: tensor {i} ({a.dtype})"
-        if self.dist == "rademacher":
-            assert torch.equal(self.kc, self.rc), f"{what}: codes"
-        else:  # the same ESC set; other codes may differ where z rounded differently
-            assert torch.equal(self.kc == exact.ESC, self.rc == exact.ESC), f"{what}: ESC"
-            if all(p.element_size() == 2 for p in self.k):  # in float32, z's last-bit
-                diff = (self.kc.int() - self.rc.int()).abs().max()  # differences are many ulps
-                assert diff <= 4, f"{what}: codes differ by {diff}"
-
-
-def central_schedule(pair, seeds, lr_g=(), alpha=1.0, rounding_seed=None, check=True):
-    """a=0 -> +eps z_1 -> -eps z_1 -> +eps z_2 -> ... -> -eps z_q -> the update."""
-    pair.new_table()
-    pair.step([seeds[0]], [1.0, EPS], 0, True)
-    check and pair.check("first")
-    for i, s in enumerate(seeds):
-        pair.step([s, s], [1.0, EPS, -EPS], 1, True)
-        check and pair.check(f"+- {i}")
-        if i + 1 < len(seeds):
-            pair.step([s, seeds[i + 1]], [1.0, -EPS, EPS], 1, True)
-            check and pair.check(f"-+ {i}")
-    coeffs = list(lr_g)
-    pair.step([seeds[-1], *seeds[:len(coeffs)]], [alpha, -EPS, *coeffs], 1, False, rounding_seed)
-    check and pair.check("last")
+def Pair(params, offsets, distribution):  # noqa: N802  (builds an exact_pair.Pair)
+    return exact_pair.Pair(kernel.prepare_exact(params, offsets), params, offsets, distribution,
+                           code_slack=4)
 
 
 # --- against the reference -----------------------------------------------------------------
