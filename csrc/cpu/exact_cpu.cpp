@@ -3,8 +3,9 @@
 // displacement (or from the side table for ESC elements), then store alpha * theta + s_new
 // (round to nearest or stochastic rounding) and, when encoding, the new code.
 //
-// Work items are kChunk (2048) elements of one tensor: 16 whole 128-element table chunks (a
-// tensor's offset is 128-aligned, so a table chunk never spans two tensors). Per item the
+// Work items are kChunk (2048) elements of one tensor, done in blocks of kBlock (512) so that
+// the scratch stays in L1; a block holds whole 128-element table chunks (a tensor's offset is
+// 128-aligned, so a table chunk never spans two tensors). Per block the
 // noise of each seed is generated once into a stack buffer by the shared vectorized
 // generators (cpu_noise.h), so a seed that is both old and new (the central pass
 // +eps z -> -eps z) costs one generation. The element loops are branch-free and vectorize;
@@ -57,13 +58,15 @@ struct ExactArgs {
   bool encode, rounding, gaussian;
 };
 
-// One work item's scratch (on the stack: 5 x 8 KB).
+// One block's scratch (on the stack: 5 x 2 KB, in L1 with the block's parameters).
+constexpr int64_t kBlock = 512;
+static_assert(kChunk % kBlock == 0 && kBlock % kTableChunk == 0, "blocks hold whole table chunks");
 struct Scratch {
-  alignas(64) float s_old[kChunk];
-  alignas(64) float s_new[kChunk];
-  alignas(64) float z[kChunk];
-  alignas(64) uint32_t theta[kChunk];  // theta's bits, zero-extended
-  alignas(64) uint32_t words[kChunk];  // stochastic-rounding words
+  alignas(64) float s_old[kBlock];
+  alignas(64) float s_new[kBlock];
+  alignas(64) float z[kBlock];
+  alignas(64) uint32_t theta[kBlock];  // theta's bits, zero-extended
+  alignas(64) uint32_t words[kBlock];  // stochastic-rounding words
 };
 
 template <int kIsa>
@@ -181,10 +184,9 @@ ZO_INLINE bool store(typename D::Store* __restrict p, int8_t* __restrict codes,
 enum Status : int { kOk = 0, kBadCode = 1, kBadSlot = 2 };
 
 template <int kIsa, class D>
-ZO_INLINE int exact_item_body(const ExactArgs& A, void* data, int64_t n, uint64_t g0, int64_t pos0) {
-  Scratch S;
+ZO_INLINE int exact_block(Scratch& S, const ExactArgs& A, typename D::Store* p, int64_t n,
+                          uint64_t g0, int64_t pos0) {
   using Store = typename D::Store;
-  Store* p = static_cast<Store*>(data);
   int8_t* codes = A.codes + pos0;
   displacements<kIsa>(S, A, n, g0);
   int status = kOk;
@@ -208,6 +210,17 @@ ZO_INLINE int exact_item_body(const ExactArgs& A, void* data, int64_t n, uint64_
   else
     ok = store<D, false, false>(p, codes, S.theta, S.s_new, S.words, n, alpha);
   if (!ok) status = kBadCode;
+  return status;
+}
+
+// A work item in blocks of kBlock elements, so that the scratch stays in L1.
+template <int kIsa, class D>
+ZO_INLINE int exact_item_body(const ExactArgs& A, void* data, int64_t n, uint64_t g0, int64_t pos0) {
+  Scratch S;
+  auto* p = static_cast<typename D::Store*>(data);
+  int status = kOk;
+  for (int64_t b = 0; b < n; b += kBlock)
+    status |= exact_block<kIsa, D>(S, A, p + b, std::min(kBlock, n - b), g0 + b, pos0 + b);
   return status;
 }
 
