@@ -204,15 +204,35 @@ def test_report_rejects_other_json(tmp_path):
 
 # -- the GPU driver ---------------------------------------------------------------------------
 
+def test_gpu_driver_sweep_under_the_interpreter():
+    """--sweep's rows: each (BLOCK, num_warps) per dtype and distribution, timed against the
+    copy, and TUNED left as it was (the interpreter stands in for the GPU: two pairs, one
+    dtype, to keep it short)."""
+    from benchmarks.gpu import driver
+
+    pytest.importorskip("triton")
+    from zo_kernels import noise_axpby
+
+    if not noise_axpby.INTERPRETED:
+        pytest.skip("a GPU is here: the driver's real run sweeps on it")
+    configs = driver.SWEEP[:2]
+    rows = driver.sweep_rows(driver.TINY, "cpu", 1, driver.Budget(600), configs, ("bfloat16",))
+    assert len(rows) == 2 * len(configs)
+    assert all(r["seconds"] > 0 and r["pct_copy"] > 0 for r in rows)
+    assert {r["impl"] for r in rows} == {f"zo-opt[triton] BLOCK={b} warps={w}" for b, w in configs}
+    assert noise_axpby.TUNED == {}
+
+
 def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     from benchmarks.gpu import driver
 
-    md = driver.main(["--device", "cpu", "--dry-run", "--out", str(tmp_path)])
+    md = driver.main(["--device", "cpu", "--dry-run", "--sweep", "--out", str(tmp_path)])
     assert md.name.startswith("gpu-cpu-drivernone-torch") and md.name.endswith("-dry-run.md")
     text = md.read_text()
     table = [line for line in text.splitlines() if line.startswith("| ")]
     impls = {line.split(" | ")[3] for line in table[1:]}
     assert {"copy", "zo-opt[cpu]", "mezo-loop", "old-loop"} <= impls
+    assert any(i.startswith("zo-opt[cpu] table: ") for i in impls)  # the side table's row
     # q=1,2 x (zo-opt[cpu], two loops), then the bf16 step: round to nearest vs exact + SR
     assert sum("step q=" in line for line in table) == 2 * 3 + 2
     assert {"zo-opt[cpu] round to nearest", "zo-opt[cpu] exact + SR"} <= impls

@@ -178,6 +178,24 @@ def test_zo_update_many_seeds(distribution):
     assert_matches_reference(params, ref32, [1.0, *coeffs], distribution)
 
 
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_tuned_block_and_warps_give_the_same_bits(monkeypatch, distribution):
+    """A (BLOCK, num_warps) from a GPU sweep (kernels.TUNED) changes the tiling, never a
+    value: z is a function of (seed, global index) alone."""
+    sizes, dtypes = (5000, 129, 1), (torch.bfloat16, torch.float32, torch.float16)
+    offsets = [2**33 + o for o in noise.offsets(sizes)]
+    default = random_params(sizes, dtypes, device_for_kernels())
+    tuned = [p.clone() for p in default]
+    triton_pass(default, [7, 2**64 - 3], [1.0, 0.5, -0.25], distribution, offsets=offsets)
+    monkeypatch.setattr(kernels, "TUNED", {(dt, distribution): (1024, 4) for dt in dtypes})
+    run = kernels.prepare(tuned, offsets)
+    seeds = functional.seeds_on([7, 2**64 - 3], device_for_kernels())
+    run(seeds, torch.tensor([1.0, 0.5, -0.25], device=device_for_kernels()), distribution)
+    for a, b in zip(default, tuned):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert kernels.config(torch.bfloat16, distribution) == (1024, 4)
+
+
 def test_perturb_then_restore_is_exact():
     """+eps z then -eps z with Rademacher, a dyadic eps and values on a 2^-10 grid restores
     float32 bit for bit; the second call reuses the cached tensor table."""

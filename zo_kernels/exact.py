@@ -20,7 +20,6 @@ elements) and reshaped for Rademacher tiles.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
@@ -29,7 +28,7 @@ import triton.language as tl
 
 from .noise_axpby import (BLOCK, DTYPES, INTERPRETED, NUM_WARPS, _gaussian_tile, _philox_rows,
                           _rademacher_tile)
-from .tensor_table import VECTOR_BYTES, table_for
+from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
 ESC = -128
@@ -257,24 +256,13 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
 def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int]) -> list:
     """(tensors, tensor table) per dtype among the non-empty ``params``: one launch each.
     Offsets must be multiples of 128 (the side table's chunks, docs/EXACT.md)."""
-    groups: dict[torch.dtype, tuple[list, list]] = {}
     for p, o in zip(params, offsets):
         if p.dtype not in DTYPES:
             raise TypeError(f"the exact Triton kernels take {DTYPES}, not {p.dtype}")
         if o % CHUNK:
             raise ValueError(f"offset {o} is not a multiple of {CHUNK}: the exact mode "
                              "needs 128-aligned offsets")
-        if p.numel():
-            ps, os_ = groups.setdefault(p.dtype, ([], []))
-            ps.append(p)
-            os_.append(o)
-    return [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in groups.values()]
-
-
-def device_of(tensors: Sequence[torch.Tensor]):
-    """Launch on the tensors' GPU (a no-op context under the interpreter)."""
-    device = tensors[0].device
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in by_dtype(params, offsets)]
 
 
 def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):

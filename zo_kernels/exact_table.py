@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact import BIGS, BLOCK, CHUNK, NUM_WARPS, _bits_of, device_of, dtype_launches, special
-from .tensor_table import VECTOR_BYTES
+from .exact import BIGS, BLOCK, CHUNK, NUM_WARPS, _bits_of, dtype_launches, special
+from .tensor_table import VECTOR_BYTES, device_of
 
 ROWS = BLOCK // CHUNK
 

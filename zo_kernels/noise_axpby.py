@@ -14,7 +14,6 @@ counter split is the contract's on every Triton version (it matches 3.7's randin
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .tensor_table import VECTOR_BYTES, table_for
+from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -31,6 +30,14 @@ PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
 BLOCK = 4096  # elements per program; a multiple of 128
 NUM_WARPS = 8
+# (BLOCK, num_warps) of the plain pass per (dtype, distribution) where a sweep on a GPU found
+# a faster pair than the defaults above (benchmarks/gpu/driver.py --sweep prints them).
+TUNED: dict[tuple[torch.dtype, str], tuple[int, int]] = {}
+
+
+def config(dtype: torch.dtype, distribution: str) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the plain pass for tensors of ``dtype``."""
+    return TUNED.get((dtype, distribution), (BLOCK, NUM_WARPS))
 
 
 @triton.jit
@@ -200,29 +207,30 @@ def prepare(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     """The tables of ``params`` (one per dtype), built once; returns
     ``run(seeds, scales, distribution)`` with int64 seeds (uint64 bits) and float32 scales on
     the params' device, which only launches: no copy, no sync, so it can be graph-captured."""
-    groups: dict[torch.dtype, tuple[list, list]] = {}
-    for p, o in zip(params, offsets):
-        if p.numel():
-            ps, os_ = groups.setdefault(p.dtype, ([], []))
-            ps.append(p)
-            os_.append(o)
-    launches = [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in groups.values()]
+    groups = by_dtype(params, offsets)
+    # (group, BLOCK) -> its tensor table; the default BLOCK's now, so that a first pass under
+    # a CUDA-graph capture uploads nothing
+    tables = {(k, BLOCK): table_for(ps, os_, BLOCK) for k, (ps, os_) in enumerate(groups)}
 
     def run(seeds: torch.Tensor, scales: torch.Tensor, distribution: str) -> None:
         scales = scales.to(dtype=torch.float32).contiguous()
         if seeds.numel() == 0:  # the kernel takes a valid pointer even when it reads none
             seeds = torch.zeros(1, dtype=torch.int64, device=scales.device)
-        for ps, table in launches:
-            _launch(ps, table, seeds, scales.numel() - 1, scales, distribution == "rademacher")
+        for k, (ps, os_) in enumerate(groups):
+            block, warps = config(ps[0].dtype, distribution)
+            table = tables.get((k, block))
+            if table is None:  # a tuned BLOCK: made on its first pass
+                table = tables[(k, block)] = table_for(ps, os_, block)
+            _launch(ps, table, seeds, scales.numel() - 1, scales, distribution == "rademacher",
+                    block, warps)
 
     return run
 
 
 def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int,
-            scales: torch.Tensor, rademacher: bool) -> None:
-    device = params[0].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            scales: torch.Tensor, rademacher: bool, block: int, warps: int) -> None:
+    with device_of(params):
         noise_axpby_kernel[(table.n_blocks,)](
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
             RADEMACHER=rademacher, LIBDEVICE=not INTERPRETED, ALIGNED=table.aligned,
-            VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+            VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=block, num_warps=warps)

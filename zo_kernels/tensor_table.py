@@ -21,6 +21,7 @@ parameters every pass, so only its first call builds and uploads one.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -43,6 +44,23 @@ class Table:
 
 
 _cache: OrderedDict[tuple, Table] = OrderedDict()
+
+
+def device_of(tensors: Sequence[torch.Tensor]):
+    """The context a launch on ``tensors`` runs in: their GPU (nothing under the interpreter)."""
+    device = tensors[0].device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def by_dtype(tensors: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[tuple[list, list]]:
+    """(tensors, offsets) per dtype among the non-empty ``tensors``: one launch each."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for t, o in zip(tensors, offsets):
+        if t.numel():
+            ts, os_ = groups.setdefault(t.dtype, ([], []))
+            ts.append(t)
+            os_.append(o)
+    return list(groups.values())
 
 
 def table_for(tensors: Sequence[torch.Tensor], offsets: Sequence[int], block: int) -> Table:

@@ -150,6 +150,48 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
     return rows
 
 
+SWEEP = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+
+
+def sweep_rows(size, device, reps: int, budget: Budget, configs=SWEEP,
+               dtypes=tuple(DTYPES)) -> list[dict]:
+    """The Triton plain pass at each (BLOCK, num_warps) of ``configs``, per dtype and
+    distribution, as % of copy: the best pair of each goes into zo_kernels.noise_axpby.TUNED."""
+    from zo_kernels import noise_axpby
+
+    label = size if isinstance(size, str) else size.name
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        params = make_params(size, dtype, device)
+        nbytes = 2 * workloads.param_bytes(params)
+        copy = workloads.median(workloads.time_fn(workloads.make_pass("copy", params), device,
+                                                  warmup=3, reps=reps))
+        for dist in ("gaussian", "rademacher"):
+            for block, warps in configs:
+                row = dict(kind="pass", workload=f"sweep {label}", dtype=dtype_name,
+                           distribution=dist, impl=f"zo-opt[triton] BLOCK={block} warps={warps}")
+                if not budget.left():
+                    rows.append(dict(row, skipped="time budget spent"))
+                    continue
+                noise_axpby.TUNED[(dtype, dist)] = (block, warps)
+                try:
+                    fn = workloads.make_pass("zo-opt[triton]", params, dist)
+                    t = workloads.median(workloads.time_fn(fn, device, warmup=3, reps=reps))
+                finally:
+                    noise_axpby.TUNED.pop((dtype, dist))
+                rows.append(dict(row, seconds=t, gbps=nbytes / t / 1e9, pct_copy=copy / t,
+                                 sm_mhz=sm_clock_mhz(device)))
+            timed = [r for r in rows[-len(configs):] if "seconds" in r]
+            if timed:
+                best = min(timed, key=lambda r: r["seconds"])
+                print(f"[driver] sweep {dtype_name} {dist}: best {best['impl']} "
+                      f"({100 * best['pct_copy']:.0f}% of copy)", flush=True)
+        del params
+        free(device)
+    return rows
+
+
 def exact_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[dict]:
     """Three passes out and back (+eps z, -eps z, theta), plain vs exact, per backend; and the
     per-step cost of building the exact mode's side table. GB/s counts the three passes'
@@ -374,6 +416,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--reps", type=int, default=20, help="repetitions per pass")
     ap.add_argument("--step-reps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--sweep", action="store_true",
+                    help="first time the Triton pass at each (BLOCK, num_warps) of SWEEP")
     args = ap.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device visible; use --device cpu --dry-run to check the logic")
@@ -387,6 +431,10 @@ def main(argv=None) -> Path:
     print(f"[driver] {info}; backends: {workloads.zo_backends(args.device)}", flush=True)
 
     rows = []
+    if args.sweep and "triton" in workloads.zo_backends(args.device):
+        t0 = time.monotonic()
+        rows += sweep_rows(step_size, args.device, reps, budget)
+        print(f"[driver] sweep: {time.monotonic() - t0:.1f} s", flush=True)
     for size in sizes:
         for dtype in args.dtypes.split(","):
             t0 = time.monotonic()
