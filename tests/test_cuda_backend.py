@@ -210,8 +210,8 @@ class _FakeOps:
 
 def test_prepared_plumbing_without_a_gpu(monkeypatch):
     """Empty tensors left out of the table (with their offsets), one launch per run with the
-    table's counts, nothing launched for an all-empty list, and matches() catching a replaced
-    storage or a resized view while the old storage stays alive."""
+    table's counts, nothing launched for an all-empty list, and the storages the table points
+    at kept alive when a parameter's .data is replaced."""
     from zo_opt.backends import cuda as cuda_mod
 
     fake = _FakeOps()
@@ -223,15 +223,9 @@ def test_prepared_plumbing_without_a_gpu(monkeypatch):
     seeds, scales = torch.zeros(2, dtype=torch.int64), torch.zeros(3)
     prepared(seeds, scales, "gaussian")
     assert len(fake.launched) == 1 and fake.launched[0][1:] == (2, 14, seeds, scales, "gaussian")
-    assert prepared.matches(params) and prepared.matches(tuple(params))
-    assert not prepared.matches(params[:3])
     old_ptr = params[2].data_ptr()
     params[2].data = torch.ones(3)
-    assert not prepared.matches(params)
     assert any(t.data_ptr() == old_ptr for t in prepared._storages)  # old storage kept alive
-    params[2].data = prepared._storages[1]  # the same storage back: matches again
-    assert prepared.matches(params)
-    assert not prepared.matches([params[0][:4], *params[1:]])  # same start, another size
     none = cuda_mod.BACKEND.prepare([torch.empty(0)], [0])
     none(seeds[:0], scales[:1], "rademacher")
     assert len(fake.built) == 1 and len(fake.launched) == 1
@@ -480,15 +474,6 @@ def test_prepared_runs_replay_in_a_cuda_graph(cuda, distribution):
         torch.cuda.synchronize()
         for got, want in zip(params, eager):
             assert torch.equal(got, want), (step, got.dtype, got.shape)
-
-
-@pytest.mark.gpu
-def test_prepared_notices_replaced_storage(cuda):
-    params = random_params(torch.float32, [(4097,), (33, 129)])
-    run = cuda.prepare(params, noise.offsets([p.numel() for p in params]))
-    assert run.matches(params)
-    params[1].data = params[1].data.clone()
-    assert not run.matches(params)
 
 
 SANITIZED = """

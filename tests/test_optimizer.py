@@ -44,6 +44,35 @@ def test_record_replays_through_zo_update_on_another_copy():
     torch.testing.assert_close(replica, p, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [b for b in ("triton",) if b in zo_opt.available_backends()])
+def test_replaced_storage_between_steps_is_followed(backend):
+    """``p.data = ...`` between steps (a checkpoint load, a dtype cast) moves the tensor: the
+    next step prepares the list again and updates the new storage, not the old address (the
+    Triton backend's tables hold raw addresses; under the interpreter it runs here)."""
+    model = torch.nn.Linear(300, 4)
+    x = torch.randn(8, 300)
+    loss = lambda: model(x).square().mean()  # noqa: E731
+    opt = ZOOptimizer(model.parameters(), lr=0.1, q=2, seed=3, backend=backend)
+    opt.step(loss)
+    old = model.weight.data
+    model.weight.data = old.clone()
+    kept = old.clone()
+    before = model.weight.detach().clone()
+    opt.step(loss)
+    assert torch.equal(old, kept)  # the old storage was not written
+    assert not torch.equal(model.weight, before)  # the new one was
+
+
+def test_prepared_matches_only_the_same_storages():
+    params = [torch.zeros(5), torch.empty(0), torch.zeros(3)]
+    plan = zo_opt.functional.Prepared(params, backend="torch")
+    assert plan.matches(params) and plan.matches(tuple(params))
+    assert not plan.matches(params[:2])
+    params[2].data = torch.ones(3)  # another storage
+    assert not plan.matches(params)
+    assert not plan.matches([params[0][:4], *params[1:]])  # same start, another size
+
+
 def test_central_projected_gradient_is_the_directional_derivative():
     w = torch.randn(500)
     p = torch.randn(500)

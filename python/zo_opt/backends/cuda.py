@@ -35,20 +35,15 @@ class PreparedCuda:
     z_k(seeds[i])`` in one launch on the current stream.
 
     The table holds the params' data pointers. The object keeps the storages it was built
-    from alive, even if a parameter's ``.data`` is later replaced (so the table never points
-    at freed memory, and a new storage can never land at an old address); ``matches(params)``
-    says whether the list still has the same storages, and a caller re-prepares when it does
-    not. Empty tensors are left out of the table (they own no work).
+    from alive, even if a parameter's ``.data`` is later replaced, so the table never points
+    at freed memory; ``functional.Prepared.matches`` tells a caller when to prepare again.
+    Empty tensors are left out of the table (they own no work).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], offsets: Sequence[int]):
         params, offsets = list(params), list(offsets)
         if len(params) != len(offsets):
             raise ValueError(f"{len(params)} tensors but {len(offsets)} offsets")
-        # What matches() compares: one tuple per param, empty ones included (so the caller
-        # can pass the same list it prepared).
-        self.data_ptrs = tuple(p.data_ptr() for p in params)
-        self.numels = tuple(p.numel() for p in params)
         kept = [(p, o) for p, o in zip(params, offsets) if p.numel() > 0]
         # detach(): new tensors on the same storages, unaffected by a later p.data = ...
         self._storages = tuple(p.detach() for p, _ in kept)
@@ -59,12 +54,6 @@ class PreparedCuda:
             table, n_tiles = torch.ops.zo_opt.cuda_table([p for p, _ in kept], [o for _, o in kept])
             self.table, self.n_tiles = table, int(n_tiles)
             self._launch = torch.ops.zo_opt.noise_axpby_table_.default
-
-    def matches(self, params: Sequence[torch.Tensor]) -> bool:
-        """Whether ``params`` are the tensors (storage start and size) this was built from:
-        about 0.3 us a tensor, so once per step rather than once per pass."""
-        return (tuple(map(torch.Tensor.data_ptr, params)) == self.data_ptrs
-                and tuple(map(torch.Tensor.numel, params)) == self.numels)
 
     def __call__(self, seeds: torch.Tensor, scales: torch.Tensor, distribution: str) -> None:
         if self.n_tiles == 0:
@@ -99,9 +88,6 @@ class PreparedCudaExact:
         self.first = min((o for _, o in kept), default=0)
         self.end = max((o + -(-n // CHUNK) * CHUNK for n, o in kept), default=0)
         self._launch = torch.ops.zo_opt.noise_axpby_exact_table_.default if kept else None
-
-    def matches(self, params: Sequence[torch.Tensor]) -> bool:
-        return self.prepared.matches(params)
 
     def __call__(self, seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
                  code_base: int, table, encode: bool, rounding: bool, distribution: str) -> None:
