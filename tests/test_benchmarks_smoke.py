@@ -206,8 +206,8 @@ def test_report_rejects_other_json(tmp_path):
 
 def test_gpu_driver_sweep_under_the_interpreter():
     """--sweep's rows: each (BLOCK, num_warps) per dtype and distribution, timed against the
-    copy, and TUNED left as it was (the interpreter stands in for the GPU: two pairs, one
-    dtype, to keep it short)."""
+    copy, and TUNED and the exact kernel's CONFIG left as they were (the interpreter stands in
+    for the GPU: two pairs, one dtype, a 20K-parameter model, to keep it short)."""
     from benchmarks.gpu import driver
 
     pytest.importorskip("triton")
@@ -215,12 +215,15 @@ def test_gpu_driver_sweep_under_the_interpreter():
 
     if not noise_axpby.INTERPRETED:
         pytest.skip("a GPU is here: the driver's real run sweeps on it")
-    configs = driver.SWEEP[:2]
-    rows = driver.sweep_rows(driver.TINY, "cpu", 1, driver.Budget(600), configs, ("bfloat16",))
-    assert len(rows) == 2 * len(configs)
+    from zo_kernels import exact
+
+    configs, config = driver.SWEEP[:2], exact.CONFIG
+    micro = GPT2Size("micro", 32, 1, 1, 32, vocab=128)
+    rows = driver.sweep_rows(micro, "cpu", 1, driver.Budget(600), configs, ("bfloat16",))
+    assert len(rows) == 2 * 2 * len(configs)  # distributions x (plain, exact)
     assert all(r["seconds"] > 0 and r["pct_copy"] > 0 for r in rows)
     assert {r["impl"] for r in rows} == {f"zo-opt[triton] BLOCK={b} warps={w}" for b, w in configs}
-    assert noise_axpby.TUNED == {}
+    assert noise_axpby.TUNED == {} and exact.CONFIG == config
 
 
 def test_gpu_driver_dry_run_on_the_cpu(tmp_path):

@@ -8,13 +8,19 @@ Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a sub
 Each line reports what a reviewer would grep the PTX for: approximate math instructions
 (the noise contract forbids them) and the global load/store widths (interior tiles should
 use 16-byte vectors when the tensors are aligned), and for the exact kernel, which is
-compiled with enable_fp_fusion=False, the fma instructions (only libdevice's own may remain).
+compiled with enable_fp_fusion=False, the fma instructions (only libdevice's own may remain);
+and, from ptxas (Triton's own), the registers a thread and the spill bytes, which set how
+many blocks an SM holds.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -47,13 +53,36 @@ def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
 
 
 def summary(compiled) -> dict:
-    """What the PTX shows: approximate math, fma instructions, global load/store widths."""
+    """What the PTX shows: approximate math, fma instructions, global load/store widths; and
+    what ptxas reports: registers a thread and spill bytes (None without a ptxas)."""
     ptx = compiled.asm["ptx"]
     return {"cubin_bytes": len(compiled.asm["cubin"]),
             "approx": sorted(set(re.findall(r"\b\w+\.approx[\w.]*", ptx))),
             "fma": sorted(set(re.findall(r"\bfma\.[\w.]*", ptx))),
             "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
-            "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx)))}
+            "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
+            **registers(ptx)}
+
+
+def _ptxas() -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(bundled) if bundled.is_file() else shutil.which("ptxas")
+
+
+def registers(ptx: str) -> dict:
+    """``ptxas -v`` on the PTX for its own target: registers a thread, spill-store bytes."""
+    ptxas, target = _ptxas(), re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    if ptxas is None or target is None:
+        return {"registers": None, "spill_bytes": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([ptxas, f"-arch={target.group(1)}", "-v", str(src), "-o",
+                              str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", log.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", log.stderr)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_bytes": int(spills.group(1)) if spills else None}
 
 
 # The exact kernel's variants: (name, DECODE, PAIR, ENCODE, ROUNDING, aligned)
@@ -78,7 +107,7 @@ def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compile
                   "RADEMACHER": rademacher, "LIBDEVICE": True, "ALIGNED": aligned,
                   "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype],
                   "BIG": exact.BIGS[getattr(torch, TORCH_DTYPES[dtype])],
-                  "BLOCK": noise_axpby.BLOCK}
+                  "BLOCK": exact.CONFIG[0]}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16
              for name in (*EXACT_POINTER_ARGS, "code_base")}  # code_base: a multiple of 128
@@ -89,7 +118,7 @@ def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compile
 def exact_report(dtype: str, rademacher: bool, variant: tuple, arch: int) -> dict:
     compiled = triton.compile(exact_source(dtype, rademacher, variant),
                               target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": noise_axpby.NUM_WARPS,
+                              options={"num_warps": exact.CONFIG[1],
                                        "enable_fp_fusion": False})
     return {"kernel": "exact", "variant": variant[0], "dtype": dtype, "rademacher": rademacher,
             "aligned": variant[5], "arch": arch, **summary(compiled)}

@@ -12,8 +12,8 @@ passes ``enable_fp_fusion=False``, so decode and encode compute ``RN(p - s)`` id
 
 The kernel works on raw bits (int32, zero-extended for 16-bit dtypes): it loads and stores
 the parameters through bitcasts and rounds to bfloat16 by hand (the interpreter truncates).
-Tiles are those of noise_axpby.py (tensor_table.py rows): [BLOCK/4, 4] for Gaussian noise,
-[BLOCK/128, 128] for Rademacher. The ESC count is an exclusive tl.cumsum along the rows of a
+Tiles are laid out as noise_axpby.py's (tensor_table.py rows), at this kernel's own BLOCK
+(CONFIG, below): [BLOCK/4, 4] for Gaussian noise, [BLOCK/128, 128] for Rademacher. The ESC count is an exclusive tl.cumsum along the rows of a
 [BLOCK/128, 128] view (one row is one table chunk: offsets and code_base are 128-aligned);
 the stochastic-rounding words are made in the Gaussian layout (one Philox call per 4
 elements) and reshaped for Rademacher tiles.
@@ -26,12 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (BLOCK, DTYPES, INTERPRETED, NUM_WARPS, _gaussian_tile, _philox_rows,
-                          _rademacher_tile)
+from .noise_axpby import DTYPES, INTERPRETED, _gaussian_tile, _philox_rows, _rademacher_tile
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
 ESC = -128
+# (BLOCK, num_warps) of the exact kernel. An element keeps about ten 32-bit values live (x,
+# s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element tiles
+# ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM; at
+# 2048 the middle passes take 64-80 and the first and last 178 without spills
+# (compile_check reports them). benchmarks/gpu/driver.py --sweep times the alternatives.
+CONFIG = (2048, 8)
 CHUNK_C = tl.constexpr(CHUNK)
 ESC_C = tl.constexpr(ESC)
 # max(dtype) / 2: above it theta + s could overflow (zo_opt.exact.big), exact in float32
@@ -253,16 +258,17 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
             tl.store(cptrs, new_code, mask=mask)
 
 
-def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int]) -> list:
-    """(tensors, tensor table) per dtype among the non-empty ``params``: one launch each.
-    Offsets must be multiples of 128 (the side table's chunks, docs/EXACT.md)."""
+def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int], block: int) -> list:
+    """(tensors, tensor table of ``block``-element tiles) per dtype among the non-empty
+    ``params``: one launch each. Offsets must be multiples of 128 (the side table's chunks,
+    docs/EXACT.md)."""
     for p, o in zip(params, offsets):
         if p.dtype not in DTYPES:
             raise TypeError(f"the exact Triton kernels take {DTYPES}, not {p.dtype}")
         if o % CHUNK:
             raise ValueError(f"offset {o} is not a multiple of {CHUNK}: the exact mode "
                              "needs 128-aligned offsets")
-    return [(ps, table_for(ps, os_, BLOCK)) for ps, os_ in by_dtype(params, offsets)]
+    return [(ps, table_for(ps, os_, block)) for ps, os_ in by_dtype(params, offsets)]
 
 
 def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
@@ -274,7 +280,8 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     params' device: no copy, no host sync, so it can be graph-captured.
 
     Offsets and code_base must be multiples of 128 (the table's chunks, docs/EXACT.md)."""
-    launches = dtype_launches(params, offsets)
+    block, warps = CONFIG
+    launches = dtype_launches(params, offsets, block)
 
     def run(seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
             code_base: int, table, encode: bool, rounding: bool, distribution: str) -> None:
@@ -303,6 +310,6 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
                     ROUNDING=bool(rounding), RADEMACHER=distribution == "rademacher",
                     LIBDEVICE=not INTERPRETED, ALIGNED=tt.aligned,
                     VEC=VECTOR_BYTES // ps[0].element_size(), BIG=BIGS[ps[0].dtype],
-                    BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                    BLOCK=block, num_warps=warps, enable_fp_fusion=False)
 
     return run

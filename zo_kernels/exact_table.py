@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact import BIGS, BLOCK, CHUNK, NUM_WARPS, _bits_of, dtype_launches, special
+from .exact import BIGS, CHUNK, _bits_of, dtype_launches, special
+from .noise_axpby import BLOCK, NUM_WARPS
 from .tensor_table import VECTOR_BYTES, device_of
 
 ROWS = BLOCK // CHUNK
@@ -76,7 +77,7 @@ def count_special_(params: Sequence[torch.Tensor], offsets: Sequence[int], code_
     """counts[c] (int32) for the chunks ``params`` cover, chunk c at global index
     ``code_base + 128 c``."""
     _check(code_base, counts, "counts")
-    for ps, tt in dtype_launches(params, offsets):
+    for ps, tt in dtype_launches(params, offsets, BLOCK):
         with device_of(ps):
             count_kernel[(tt.n_blocks,)](ps[tt.base_index], tt.rows, tt.block_map, counts,
                                          code_base, float(tau), **_constants(ps, tt))
@@ -87,7 +88,7 @@ def fill_special_(params: Sequence[torch.Tensor], offsets: Sequence[int], code_b
     """The special elements' raw bits (int32) at their slots of ``bits``."""
     _check(code_base, chunk_base, "chunk_base")
     _check(code_base, bits, "bits")
-    for ps, tt in dtype_launches(params, offsets):
+    for ps, tt in dtype_launches(params, offsets, BLOCK):
         with device_of(ps):
             fill_kernel[(tt.n_blocks,)](ps[tt.base_index], tt.rows, tt.block_map, chunk_base,
                                         bits, code_base, float(tau), **_constants(ps, tt))

@@ -155,38 +155,51 @@ SWEEP = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192
 
 def sweep_rows(size, device, reps: int, budget: Budget, configs=SWEEP,
                dtypes=tuple(DTYPES)) -> list[dict]:
-    """The Triton plain pass at each (BLOCK, num_warps) of ``configs``, per dtype and
-    distribution, as % of copy: the best pair of each goes into zo_kernels.noise_axpby.TUNED."""
-    from zo_kernels import noise_axpby
+    """The Triton kernels at each (BLOCK, num_warps) of ``configs``, per dtype and
+    distribution, as % of copy: the plain pass (the best pair goes into
+    zo_kernels.noise_axpby.TUNED) and the exact pass cycle (zo_kernels.exact.CONFIG)."""
+    from zo_kernels import exact as exact_kernels, noise_axpby
+
+    def plain(params, dist, config):
+        key = (params[0].dtype, dist)
+        noise_axpby.TUNED[key] = config
+        try:
+            return 1, workloads.make_pass("zo-opt[triton]", params, dist)
+        finally:
+            noise_axpby.TUNED.pop(key)
+
+    def cycle(params, dist, config):  # the exact runner reads CONFIG on its first pass
+        return 3, workloads.make_pass_cycle("triton", params, dist, exact=True)
 
     label = size if isinstance(size, str) else size.name
     rows = []
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        params = make_params(size, dtype, device)
+        params = make_params(size, DTYPES[dtype_name], device)
         nbytes = 2 * workloads.param_bytes(params)
         copy = workloads.median(workloads.time_fn(workloads.make_pass("copy", params), device,
                                                   warmup=3, reps=reps))
         for dist in ("gaussian", "rademacher"):
-            for block, warps in configs:
-                row = dict(kind="pass", workload=f"sweep {label}", dtype=dtype_name,
-                           distribution=dist, impl=f"zo-opt[triton] BLOCK={block} warps={warps}")
-                if not budget.left():
-                    rows.append(dict(row, skipped="time budget spent"))
-                    continue
-                noise_axpby.TUNED[(dtype, dist)] = (block, warps)
-                try:
-                    fn = workloads.make_pass("zo-opt[triton]", params, dist)
-                    t = workloads.median(workloads.time_fn(fn, device, warmup=3, reps=reps))
-                finally:
-                    noise_axpby.TUNED.pop((dtype, dist))
-                rows.append(dict(row, seconds=t, gbps=nbytes / t / 1e9, pct_copy=copy / t,
-                                 sm_mhz=sm_clock_mhz(device)))
-            timed = [r for r in rows[-len(configs):] if "seconds" in r]
-            if timed:
-                best = min(timed, key=lambda r: r["seconds"])
-                print(f"[driver] sweep {dtype_name} {dist}: best {best['impl']} "
-                      f"({100 * best['pct_copy']:.0f}% of copy)", flush=True)
+            for kind, make in (("plain pass", plain), ("exact 3-pass cycle", cycle)):
+                timed = []
+                for block, warps in configs:
+                    row = dict(kind="pass", workload=f"sweep {label}: {kind}", dtype=dtype_name,
+                               distribution=dist, impl=f"zo-opt[triton] BLOCK={block} warps={warps}")
+                    if not budget.left():
+                        rows.append(dict(row, skipped="time budget spent"))
+                        continue
+                    saved, exact_kernels.CONFIG = exact_kernels.CONFIG, (block, warps)
+                    try:
+                        passes, fn = make(params, dist, (block, warps))
+                        t = workloads.median(workloads.time_fn(fn, device, warmup=3, reps=reps))
+                    finally:
+                        exact_kernels.CONFIG = saved
+                    timed.append(dict(row, seconds=t, gbps=passes * nbytes / t / 1e9,
+                                      pct_copy=passes * copy / t, sm_mhz=sm_clock_mhz(device)))
+                    rows.append(timed[-1])
+                if timed:
+                    best = min(timed, key=lambda r: r["seconds"])
+                    print(f"[driver] sweep {dtype_name} {dist} {kind}: best {best['impl']} "
+                          f"({100 * best['pct_copy']:.0f}% of copy)", flush=True)
         del params
         free(device)
     return rows
