@@ -310,15 +310,8 @@ void noise_axpby_exact_cpu(at::TensorList params, at::IntArrayRef offsets, const
   std::vector<Item> items;
   for (size_t k = 0; k < params.size(); ++k) {
     const auto& p = params[k];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), op, "tensor ", k,
-                " must be a contiguous CPU tensor");
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf ||
-                    p.scalar_type() == at::kBFloat16,
-                op, "tensor ", k, " has dtype ", p.scalar_type(),
-                "; the cpu backend takes float32, float16 and bfloat16");
+    check_param(op, p, k, offsets[k], code_base);
     if (p.numel() == 0) continue;
-    TORCH_CHECK(offsets[k] >= code_base && offsets[k] % zo::kAlign == 0, op, "offset ", k,
-                " must be a multiple of ", zo::kAlign, " at or above code_base");
     const int64_t pos = offsets[k] - code_base;
     // a pass that neither decodes nor encodes (a stochastically rounded update) reads no code
     TORCH_CHECK((n_old == 0 && !encode) || pos + p.numel() <= n_codes, op, "tensor ", k,

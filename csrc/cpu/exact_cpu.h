@@ -3,6 +3,8 @@
 // and which elements the table keeps.
 #pragma once
 
+#include <torch/torch.h>
+
 #include "cpu_noise.h"
 
 namespace {
@@ -44,6 +46,20 @@ template <class D>
 ZO_INLINE uint32_t is_special(uint32_t bits, float tau) {
   const float a = abs_f(D::to_f(bits));
   return static_cast<uint32_t>(!(a >= tau)) | static_cast<uint32_t>(a > D::kBig);
+}
+
+// The checks both CPU exact ops make of params[k]: a contiguous float32/float16/bfloat16 CPU
+// tensor whose offset, when it has elements, is a multiple of 128 at or above code_base.
+inline void check_param(const char* op, const at::Tensor& p, size_t k, int64_t offset,
+                        int64_t code_base) {
+  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), op, "tensor ", k,
+              " must be a contiguous CPU tensor");
+  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf ||
+                  p.scalar_type() == at::kBFloat16,
+              op, "tensor ", k, " has dtype ", p.scalar_type(),
+              "; the exact mode takes float32, float16 and bfloat16");
+  TORCH_CHECK(p.numel() == 0 || (offset >= code_base && offset % kTableChunk == 0), op, "offset ",
+              k, " must be a multiple of ", kTableChunk, " at or above code_base");
 }
 
 }  // namespace

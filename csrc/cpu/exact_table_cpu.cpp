@@ -89,15 +89,8 @@ std::vector<TableItem> table_items(const char* op, at::TensorList params, at::In
   std::vector<TableItem> items;
   for (size_t k = 0; k < params.size(); ++k) {
     const auto& p = params[k];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), op, "tensor ", k,
-                " must be a contiguous CPU tensor");
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf ||
-                    p.scalar_type() == at::kBFloat16,
-                op, "tensor ", k, " has dtype ", p.scalar_type(),
-                "; the side table takes float32, float16 and bfloat16");
+    check_param(op, p, k, offsets[k], code_base);
     if (p.numel() == 0) continue;
-    TORCH_CHECK(offsets[k] >= code_base && offsets[k] % kTableChunk == 0, op, "offset ", k,
-                " must be a multiple of ", kTableChunk, " at or above code_base");
     const int64_t pos = offsets[k] - code_base;
     TORCH_CHECK((pos + p.numel() - 1) / kTableChunk < n_chunks, op, "tensor ", k,
                 " runs past the last table chunk");
