@@ -205,7 +205,7 @@ def test_report_rejects_other_json(tmp_path):
 # -- the GPU driver ---------------------------------------------------------------------------
 
 def test_gpu_driver_sweep_under_the_interpreter():
-    """--sweep's rows: each (BLOCK, num_warps) per dtype and distribution, timed against the
+    """The rows of --sweep-s: each (BLOCK, num_warps) per dtype and distribution, timed against the
     copy, and TUNED and the exact kernel's CONFIG left as they were (the interpreter stands in
     for the GPU: two pairs, one dtype, a 20K-parameter model, to keep it short)."""
     from benchmarks.gpu import driver
@@ -229,7 +229,7 @@ def test_gpu_driver_sweep_under_the_interpreter():
 def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     from benchmarks.gpu import driver
 
-    md = driver.main(["--device", "cpu", "--dry-run", "--sweep", "--out", str(tmp_path)])
+    md = driver.main(["--device", "cpu", "--dry-run", "--sweep-s", "5", "--out", str(tmp_path)])
     assert md.name.startswith("gpu-cpu-drivernone-torch") and md.name.endswith("-dry-run.md")
     text = md.read_text()
     table = [line for line in text.splitlines() if line.startswith("| ")]

@@ -429,8 +429,9 @@ def main(argv=None) -> Path:
     ap.add_argument("--reps", type=int, default=20, help="repetitions per pass")
     ap.add_argument("--step-reps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=200.0)
-    ap.add_argument("--sweep", action="store_true",
-                    help="first time the Triton pass at each (BLOCK, num_warps) of SWEEP")
+    ap.add_argument("--sweep-s", type=float, default=0.0,
+                    help="first spend up to this many seconds of the budget timing the Triton "
+                         "kernels at each (BLOCK, num_warps) of SWEEP (0: no sweep)")
     args = ap.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device visible; use --device cpu --dry-run to check the logic")
@@ -444,9 +445,9 @@ def main(argv=None) -> Path:
     print(f"[driver] {info}; backends: {workloads.zo_backends(args.device)}", flush=True)
 
     rows = []
-    if args.sweep and "triton" in workloads.zo_backends(args.device):
+    if args.sweep_s > 0 and "triton" in workloads.zo_backends(args.device):
         t0 = time.monotonic()
-        rows += sweep_rows(step_size, args.device, reps, budget)
+        rows += sweep_rows(step_size, args.device, reps, Budget(min(args.sweep_s, args.budget_s)))
         print(f"[driver] sweep: {time.monotonic() - t0:.1f} s", flush=True)
     for size in sizes:
         for dtype in args.dtypes.split(","):

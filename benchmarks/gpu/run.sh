@@ -4,7 +4,8 @@
 #
 #   benchmarks/gpu/run.sh [OUT_DIR] [driver args...]   # OUT_DIR default: $OUT, else benchmarks/results
 #   BUDGET_S=60 benchmarks/gpu/run.sh "$OUT" --sizes 124M  # a shorter first look
-#   benchmarks/gpu/run.sh "$OUT" --sweep   # first, the Triton pass per (BLOCK, num_warps)
+#   BUDGET_S=200 benchmarks/gpu/run.sh "$OUT" --sweep-s 60  # first, up to 60 s of the budget:
+#                                   # the Triton kernels at each (BLOCK, num_warps) of driver.SWEEP
 #
 # Expects python3 with a CUDA torch, triton, pytest and pytest-benchmark already installed
 # (PYTHON=... to pick another interpreter). Leaves the card's settings alone.
