@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import DTYPES, INTERPRETED, _gaussian_tile, _philox_rows, _rademacher_tile
+from .noise_axpby import (DTYPES, INTERPRETED, _gaussian_tile, _philox_rows, _rademacher_tile,
+                          load_tile, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
@@ -163,33 +164,15 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
         MAG: tl.constexpr = 0x7FFFFFFF
     else:
         MAG: tl.constexpr = 0x7FFF
-    pid = tl.program_id(0)
-    row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
-    ptr_origin = tl.load(row)
-    lo = tl.load(row + 1)
-    hi = tl.load(row + 2)
-    g_origin = tl.load(row + 3)
-    slot0 = (pid - tl.load(row + 4)) * BLOCK
-    g0 = g_origin + slot0
-
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
     else:
         WIDTH: tl.constexpr = 4
-    idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
-    start = ptr_origin + slot0
+    ptrs, idx, mask, interior, g0, _ = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH, ALIGNED,
+                                            VEC, BLOCK)
     pos0 = tl.multiple_of(g0 - code_base, CHUNK_C)  # the tile's first code (128-aligned)
-    if ALIGNED:
-        start = tl.multiple_of(start, VEC)
-    ptrs = base_ptr + start + idx
     cptrs = codes_ptr + pos0 + idx
-    slot = slot0 + idx
-    mask = (slot >= lo) & (slot < hi)
-    interior = (slot0 >= lo) & (slot0 + BLOCK <= hi)
-    if interior:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=mask, other=0.0)
+    x = load_tile(ptrs, mask, interior)
     xbits = _bits_of(x, DT)
     xf = _to_f32(xbits, DT)
 
@@ -217,10 +200,7 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
             s_new = s_new + tl.load(scales_ptr + 1 + n_old + j) * z
 
     if DECODE:
-        if interior:
-            code = tl.load(cptrs).to(tl.int32)
-        else:
-            code = tl.load(cptrs, mask=mask, other=0).to(tl.int32)
+        code = load_tile(cptrs, mask, interior).to(tl.int32)
         esc = code == ESC_C
         t = _rn_bits(xf - s_old, DT)
         decoded = (t ^ (t & MAG)) | ((t & MAG) + code)
@@ -242,20 +222,12 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
         out = _sr_bits(y, w, DT)
     else:
         out = _rn_bits(y, DT)
-    stored = _from_bits(out, DT)
-    if interior:
-        tl.store(ptrs, stored)
-    else:
-        tl.store(ptrs, stored, mask=mask)
+    store_tile(ptrs, _from_bits(out, DT), mask, interior)
 
     if ENCODE:
         t2 = _rn_bits(_to_f32(out, DT) - s_new, DT)
         k = (theta_bits & MAG) - (t2 & MAG)
-        new_code = tl.where(esc, ESC_C, k).to(tl.int8)
-        if interior:
-            tl.store(cptrs, new_code)
-        else:
-            tl.store(cptrs, new_code, mask=mask)
+        store_tile(cptrs, tl.where(esc, ESC_C, k).to(tl.int8), mask, interior)
 
 
 def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int], block: int) -> list:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .exact import BIGS, CHUNK, _bits_of, dtype_launches, special
-from .noise_axpby import BLOCK, NUM_WARPS
+from .noise_axpby import BLOCK, NUM_WARPS, load_tile, tile
 from .tensor_table import VECTOR_BYTES, device_of
 
 ROWS = BLOCK // CHUNK
@@ -29,27 +29,14 @@ ROWS = BLOCK // CHUNK
 def _chunk_tile(base_ptr, rows_ptr, block_map_ptr, code_base, tau, BIG: tl.constexpr,
                 ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     """One program's [BLOCK/128, 128] tile: the loaded values, which are special, each row's
-    table chunk and whether the row holds any of the tensor's elements. Interior tiles load
-    unmasked (16-byte vectors when the tiles are aligned), as the exact pass does."""
-    pid = tl.program_id(0)
-    row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
-    ptr_origin = tl.load(row)
-    hi = tl.load(row + 2)  # lo is 0: offsets are 128-aligned
-    g_origin = tl.load(row + 3)
-    slot0 = (pid - tl.load(row + 4)) * BLOCK
+    table chunk and whether the row holds any of the tensor's elements (a row past the
+    tensor's end may be the next tensor's chunk: it must not be written)."""
+    ptrs, _, mask, interior, g0, left = tile(base_ptr, rows_ptr, block_map_ptr, 128, ALIGNED,
+                                             VEC, BLOCK)
+    x = load_tile(ptrs, mask, interior)
+    found = special(x.to(tl.float32), tau, BIG) & mask
     r = tl.arange(0, BLOCK // 128)
-    idx = r[:, None] * 128 + tl.arange(0, 128)[None, :]
-    start = ptr_origin + slot0
-    if ALIGNED:
-        start = tl.multiple_of(start, VEC)
-    inside = slot0 + idx < hi
-    if slot0 + BLOCK <= hi:
-        x = tl.load(base_ptr + start + idx)
-    else:
-        x = tl.load(base_ptr + start + idx, mask=inside, other=0.0)
-    found = special(x.to(tl.float32), tau, BIG) & inside
-    chunk = (g_origin + slot0 - code_base) // 128 + r
-    return x, found, chunk, slot0 + r * 128 < hi
+    return x, found, (g0 - code_base) // 128 + r, r * 128 < left  # lo is 0: 128-aligned offsets
 
 
 @triton.jit

@@ -123,10 +123,12 @@ def _round_to(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
-                       RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, ALIGNED: tl.constexpr,
-                       VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows)."""
+def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr,
+         VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of one tensor (tensor_table.py rows) as [BLOCK/WIDTH, WIDTH] slots:
+    (pointers, slot indices in the tile, which slots hold the tensor's elements, whether all
+    do, the global index of slot 0, the tensor's slots from slot 0 on). Shared by every
+    multi-tensor kernel."""
     pid = tl.program_id(0)
     row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
     ptr_origin = tl.load(row)
@@ -134,24 +136,46 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     hi = tl.load(row + 2)
     g_origin = tl.load(row + 3)
     slot0 = (pid - tl.load(row + 4)) * BLOCK  # int64: the tile's first slot
-    g0 = g_origin + slot0
-
-    if RADEMACHER:
-        WIDTH: tl.constexpr = 128
-    else:
-        WIDTH: tl.constexpr = 4
     idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
     start = ptr_origin + slot0
     if ALIGNED:
         start = tl.multiple_of(start, VEC)
-    ptrs = base_ptr + start + idx
     slot = slot0 + idx
     mask = (slot >= lo) & (slot < hi)
     interior = (slot0 >= lo) & (slot0 + BLOCK <= hi)  # no mask: vector loads and stores
+    return base_ptr + start + idx, idx, mask, interior, g_origin + slot0, hi - slot0
+
+
+@triton.jit
+def load_tile(ptrs, mask, interior):
+    """The tile's values (0 in the masked slots); unmasked in interior tiles."""
     if interior:
-        x = tl.load(ptrs).to(tl.float32)
+        x = tl.load(ptrs)
     else:
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def store_tile(ptrs, values, mask, interior):
+    if interior:
+        tl.store(ptrs, values)
+    else:
+        tl.store(ptrs, values, mask=mask)
+
+
+@triton.jit
+def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
+                       RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+                       VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows)."""
+    if RADEMACHER:
+        WIDTH: tl.constexpr = 128
+    else:
+        WIDTH: tl.constexpr = 4
+    ptrs, _, mask, interior, g0, _ = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH, ALIGNED,
+                                          VEC, BLOCK)
+    x = load_tile(ptrs, mask, interior).to(tl.float32)
 
     # y = alpha * x + (sum_i c_i z_i): the reference's order of float32 roundings. The sum
     # starts from a zero made out of x (its sign bit) only so that it takes the load's layout,
@@ -170,10 +194,7 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
             acc += c * _gaussian_tile(k0, k1, g0, BLOCK, LIBDEVICE)
     out = _round_to(tl.load(scales_ptr) * x + acc, base_ptr.dtype.element_ty)
 
-    if interior:
-        tl.store(ptrs, out)
-    else:
-        tl.store(ptrs, out, mask=mask)
+    store_tile(ptrs, out, mask, interior)
 
 
 # The interpreter (TRITON_INTERPRET=1 before triton's import) makes plain Python of the
