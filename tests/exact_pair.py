@@ -104,3 +104,15 @@ def central_schedule(pair, seeds, lr_g=(), alpha=1.0, rounding_seed=None, check=
             check and pair.check(f"-+ {i}")
     pair.step([seeds[-1], *seeds[:len(lr_g)]], [alpha, -EPS, *lr_g], 1, False, rounding_seed)
     check and pair.check("last")
+
+
+def many_seeds_schedule(pair):
+    """Passes with two old and three new seeds (a general pass, not the optimizer's pairs),
+    then back to theta: every pass checked against the reference."""
+    pair.new_table()
+    pair.step([1, 2], [1.0, EPS, EPS / 2], 0, True)
+    pair.check("first")
+    pair.step([1, 2, 3, 4, 5], [1.0, EPS, EPS / 2, EPS, -EPS / 4, EPS / 8], 2, True)
+    pair.check("middle")
+    pair.step([3, 4, 5], [1.0, EPS, -EPS / 4, EPS / 8], 3, False)
+    pair.check("restore")

@@ -16,7 +16,7 @@ from zo_opt import backends, exact, noise
 from zo_opt.backends.cpu import as_int64
 
 import exact_pair
-from exact_pair import EPS, bits, central_schedule, same_bits
+from exact_pair import EPS, bits, central_schedule, many_seeds_schedule, same_bits
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -161,13 +161,7 @@ def test_many_old_and_new_seeds(cuda):
     params = make_params(sizes, [torch.bfloat16, torch.float16, torch.float32], seed=3)
     start = [p.clone() for p in params]
     pair = Pair(cuda, params, noise.offsets(sizes), "rademacher")
-    pair.new_table()
-    pair.step([1, 2], [1.0, EPS, EPS / 2], 0, True)
-    pair.check("first")
-    pair.step([1, 2, 3, 4, 5], [1.0, EPS, EPS / 2, EPS, -EPS / 4, EPS / 8], 2, True)
-    pair.check("middle")
-    pair.step([3, 4, 5], [1.0, EPS, -EPS / 4, EPS / 8], 3, False)
-    pair.check("restore")
+    many_seeds_schedule(pair)
     for p, s in zip(params, start):
         assert same_bits(p, s)
 

@@ -20,7 +20,7 @@ from zo_kernels import exact as kernel  # noqa: E402  (after the skip: needs tri
 from zo_kernels import noise_axpby  # noqa: E402
 
 import exact_pair  # noqa: E402
-from exact_pair import EPS, bits, central_schedule, same_bits  # noqa: E402
+from exact_pair import EPS, bits, central_schedule, many_seeds_schedule, same_bits  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DISTS = noise.DISTRIBUTIONS
@@ -91,13 +91,7 @@ def test_many_old_and_new_seeds():
     params = make_params(sizes, [torch.bfloat16, torch.float16], seed=3)
     start = [p.clone() for p in params]
     pair = Pair(params, noise.offsets(sizes), "rademacher")
-    pair.new_table()
-    pair.step([1, 2], [1.0, EPS, EPS / 2], 0, True)
-    pair.check("first")
-    pair.step([1, 2, 3, 4, 5], [1.0, EPS, EPS / 2, EPS, -EPS / 4, EPS / 8], 2, True)
-    pair.check("middle")
-    pair.step([3, 4, 5], [1.0, EPS, -EPS / 4, EPS / 8], 3, False)
-    pair.check("restore")
+    many_seeds_schedule(pair)
     for p, s in zip(params, start):
         assert torch.equal(bits(p), bits(s))
 
