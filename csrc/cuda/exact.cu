@@ -23,6 +23,7 @@
 
 #include "../zo_noise.h"
 #include "exact.cuh"
+#include "pass_common.cuh"
 #include "tensor_table.h"
 
 namespace zo {
@@ -30,21 +31,18 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kLanesPerBlock = 8;  // threads sharing one Philox block / table chunk
 constexpr int kVecsPerThread = 4;  // 16-byte vectors per thread and tile
 constexpr int kEsc = -128;
 static_assert(kThreads * kVecsPerThread * 16 == kTileBytes, "a tile is one pass of the block");
 static_assert(kAlign == 128, "a Philox block of 128 elements is one table chunk");
 
-// Element types. bits(): the stored value as zero-extended raw bits; value(): raw bits (only
-// the dtype's width is read) -> float32, exact; rn(): float32 -> raw bits of RN_D;
-// make(): raw bits -> the stored element.
+// Element types. value(): raw bits (only the dtype's width is read) -> float32, exact; rn():
+// float32 -> raw bits of RN_D; make(): raw bits -> the stored element.
 struct F32 {
   using Bits = float;
   static constexpr uint32_t kMag = 0x7FFFFFFFu;
   static constexpr uint32_t kBigBits = 0x7EFFFFFFu;  // float32 bits of max(float32) / 2
   static constexpr bool kWide = true;
-  __device__ static uint32_t bits(float b) { return __float_as_uint(b); }
   __device__ static float value(uint32_t u) { return __uint_as_float(u); }
   __device__ static uint32_t rn(float v) { return __float_as_uint(v); }
   __device__ static float make(uint32_t u) { return __uint_as_float(u); }
@@ -54,7 +52,6 @@ struct F16 {
   static constexpr uint32_t kMag = 0x7FFFu;
   static constexpr uint32_t kBigBits = 0x46FFE000u;  // 32752 = max(float16) / 2
   static constexpr bool kWide = false;
-  __device__ static uint32_t bits(uint16_t b) { return b; }
   __device__ static float value(uint32_t u) { return __half2float(__ushort_as_half(static_cast<unsigned short>(u))); }
   __device__ static uint32_t rn(float v) { return __half_as_ushort(__float2half_rn(v)); }
   __device__ static uint16_t make(uint32_t u) { return static_cast<uint16_t>(u); }
@@ -64,7 +61,6 @@ struct BF16 {
   static constexpr uint32_t kMag = 0x7FFFu;
   static constexpr uint32_t kBigBits = 0x7EFF0000u;  // max(bfloat16) / 2
   static constexpr bool kWide = false;
-  __device__ static uint32_t bits(uint16_t b) { return b; }
   __device__ static float value(uint32_t u) { return __uint_as_float((u & 0xFFFFu) << 16); }
   __device__ static uint32_t rn(float v) { return float_to_bf16_rne(v); }
   __device__ static uint16_t make(uint32_t u) { return static_cast<uint16_t>(u); }
@@ -108,24 +104,6 @@ struct Codes {
   __device__ __forceinline__ bool esc(int e) const { return ((w[e / 4] >> (8 * (e % 4))) & 0xFFu) == 0x80u; }
 };
 
-// Weak global accesses (as noise_axpby.cu): volatile keeps the loads where they are written,
-// ahead of the noise work.
-__device__ __forceinline__ uint4 load_global(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ float load_global(const float* p) {
-  float v;
-  asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint16_t load_global(const uint16_t* p) {
-  unsigned short v;
-  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  return v;
-}
 __device__ __forceinline__ uint32_t load_bits(const float* p) { return __float_as_uint(load_global(p)); }
 __device__ __forceinline__ uint32_t load_bits(const uint16_t* p) { return load_global(p); }
 __device__ __forceinline__ uint32_t load_u32(const void* p) {
@@ -142,16 +120,6 @@ __device__ __forceinline__ uint32_t load_u8(const void* p) {
   uint32_t v;
   asm volatile("ld.global.u8 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
-}
-__device__ __forceinline__ void store_global(uint4* p, uint4 v) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
-               :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
-__device__ __forceinline__ void store_global(float* p, float v) {
-  asm volatile("st.global.f32 [%0], %1;" :: "l"(p), "f"(v) : "memory");
-}
-__device__ __forceinline__ void store_global(uint16_t* p, uint16_t v) {
-  asm volatile("st.global.u16 [%0], %1;" :: "l"(p), "h"(static_cast<unsigned short>(v)) : "memory");
 }
 __device__ __forceinline__ void store_u32(void* p, uint32_t v) {
   asm volatile("st.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
@@ -181,16 +149,6 @@ __device__ __forceinline__ void store_codes(int8_t* p, const Codes<kVec>& c) {
     store_u32x2(p, c.w[0], c.w[kVec / 4 - 1]);
 }
 
-__device__ __forceinline__ uint32_t pick(const Words4& w, int i) {
-  return i == 0 ? w.w0 : i == 1 ? w.w1 : i == 2 ? w.w2 : w.w3;
-}
-
-// Vector v of the thread's Philox block b, from the thread's first element (noise_axpby.cu).
-template <int kVec, int kGroups>
-__device__ __forceinline__ constexpr int at(int b, int v) {
-  return b * kGroups * kAlign + v * kLanesPerBlock * kVec;
-}
-
 // Stochastic rounding of docs/EXACT.md (zo_opt.exact.stochastic_round), on raw bits.
 template <typename D>
 __device__ __forceinline__ uint32_t sr_bits(float y, uint32_t word) {
@@ -205,45 +163,6 @@ __device__ __forceinline__ uint32_t sr_bits(float y, uint32_t word) {
   const bool up = __fsub_rn(ay, lo_f) > __fmul_rn(u, __fsub_rn(hi_f, lo_f));
   const bool finite = (__float_as_uint(y) & 0x7FFFFFFFu) < 0x7F800000u;
   return finite ? (up ? hi : lo) : r;
-}
-
-// acc = +0 + c_0 z(seed_0) + c_1 z(seed_1) + ... over the thread's elements of one Philox block
-// (c_i = 1 when `unit`: acc is then z itself, up to the sign of a zero).
-template <int kDist, int kNV, int kVec>
-__device__ __forceinline__ void noise_sum(float (&acc)[kNV][kVec], const uint64_t* seeds,
-                                          const float* coefs, int n, bool unit,
-                                          uint64_t g_block, int lane) {
-#pragma unroll
-  for (int v = 0; v < kNV; ++v)
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[v][e] = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    const uint64_t seed = seeds[i];
-    const float c = unit ? 1.0f : coefs[i];
-    if (kDist == kRademacher) {
-      const Words4 w = rademacher_words(seed, g_block >> 7);
-#pragma unroll
-      for (int v = 0; v < kNV; ++v) {
-        const int bit0 = (v * kLanesPerBlock + lane) * kVec;  // this vector's first bit
-        const uint32_t bits = pick(w, bit0 >> 5) >> (bit0 & 31);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[v][e] = __fadd_rn(acc[v][e], (bits >> e) & 1u ? c : -c);
-      }
-    } else {
-#pragma unroll
-      for (int v = 0; v < kNV; ++v) {
-        const uint64_t g = g_block + (v * kLanesPerBlock + lane) * kVec;
-#pragma unroll
-        for (int h = 0; h < kVec / 4; ++h) {
-          const Float4 z = gaussian4(seed, (g >> 2) + h);
-          acc[v][4 * h + 0] = __fadd_rn(acc[v][4 * h + 0], __fmul_rn(c, z.x));
-          acc[v][4 * h + 1] = __fadd_rn(acc[v][4 * h + 1], __fmul_rn(c, z.y));
-          acc[v][4 * h + 2] = __fadd_rn(acc[v][4 * h + 2], __fmul_rn(c, z.z));
-          acc[v][4 * h + 3] = __fadd_rn(acc[v][4 * h + 3], __fmul_rn(c, z.w));
-        }
-      }
-    }
-  }
 }
 
 // 8-bit field k of a packed count word.

@@ -23,6 +23,7 @@
 
 #include "../zo_noise.h"
 #include "noise_axpby.cuh"
+#include "pass_common.cuh"
 #include "tensor_table.h"
 
 namespace zo {
@@ -30,7 +31,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kLanesPerBlock = 8;  // threads sharing one Philox block of kAlign elements
 constexpr int kVecsPerThread = 4;  // 16-byte vectors per thread and tile
 static_assert(kThreads * kVecsPerThread * 16 == kTileBytes, "a tile is one pass of the block");
 
@@ -57,51 +57,6 @@ union Vec16 {
   uint4 raw;
   typename D::Bits e[kN];
 };
-
-// Explicitly global accesses: the tensor table hands the kernel generic pointers, and plain
-// dereferences of those compile to generic loads/stores instead of LDG/STG. Plain ld/st.global
-// (weak, default caching: LDG.E.128 / STG.E.128, what torch's copy kernels issue) rather than
-// __ldca/__stwb, whose explicit cache operators compile to strong (STRONG.SM) accesses that
-// this pass has no use for: every element is read and written by one thread only. volatile
-// keeps the loads where they are written, ahead of the noise work.
-__device__ __forceinline__ uint4 load_global(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ float load_global(const float* p) {
-  float v;
-  asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint16_t load_global(const uint16_t* p) {
-  unsigned short v;
-  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ void store_global(uint4* p, uint4 v) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
-               :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
-__device__ __forceinline__ void store_global(float* p, float v) {
-  asm volatile("st.global.f32 [%0], %1;" :: "l"(p), "f"(v) : "memory");
-}
-__device__ __forceinline__ void store_global(uint16_t* p, uint16_t v) {
-  asm volatile("st.global.u16 [%0], %1;" :: "l"(p), "h"(static_cast<unsigned short>(v)) : "memory");
-}
-
-__device__ __forceinline__ uint32_t pick(const Words4& w, int i) {
-  return i == 0 ? w.w0 : i == 1 ? w.w1 : i == 2 ? w.w2 : w.w3;
-}
-
-// Offset of vector v of the thread's Philox block b from the thread's first element: block b
-// is kGroups blocks after block 0 (so a warp's load instruction covers whole 128-byte lines),
-// and vector v is 8 vectors after vector v - 1 (the 8 threads of a block interleave).
-template <int kVec, int kGroups>
-__device__ __forceinline__ constexpr int at(int b, int v) {
-  return b * kGroups * kAlign + v * kLanesPerBlock * kVec;
-}
 
 // One thread's share of one tile: its vectors, read once, all before the noise, written once.
 template <typename D, int kDist>
@@ -155,39 +110,8 @@ __device__ __forceinline__ void tile_pass(const TensorEntry& t, int64_t tile_sta
     if (b * kGroups * kAlign - lane * kVec >= rem) return;
 
     float acc[kNV][kVec];
-#pragma unroll
-    for (int v = 0; v < kNV; ++v)
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[v][e] = 0.0f;
-
     const uint64_t g_block = g_first + b * kGroups * kAlign;  // a multiple of 128
-    for (int64_t i = 0; i < n_seeds; ++i) {
-      const uint64_t seed = seeds[i];
-      const float c = scales[1 + i];
-      if (kDist == kRademacher) {
-        const Words4 w = rademacher_words(seed, g_block >> 7);
-#pragma unroll
-        for (int v = 0; v < kNV; ++v) {
-          const int bit0 = (v * kLanesPerBlock + lane) * kVec;  // this vector's first bit
-          const uint32_t bits = pick(w, bit0 >> 5) >> (bit0 & 31);
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[v][e] = __fadd_rn(acc[v][e], (bits >> e) & 1u ? c : -c);
-        }
-      } else {
-#pragma unroll
-        for (int v = 0; v < kNV; ++v) {
-          const uint64_t g = g_block + (v * kLanesPerBlock + lane) * kVec;
-#pragma unroll
-          for (int h = 0; h < kVec / 4; ++h) {
-            const Float4 z = gaussian4(seed, (g >> 2) + h);
-            acc[v][4 * h + 0] = __fadd_rn(acc[v][4 * h + 0], __fmul_rn(c, z.x));
-            acc[v][4 * h + 1] = __fadd_rn(acc[v][4 * h + 1], __fmul_rn(c, z.y));
-            acc[v][4 * h + 2] = __fadd_rn(acc[v][4 * h + 2], __fmul_rn(c, z.z));
-            acc[v][4 * h + 3] = __fadd_rn(acc[v][4 * h + 3], __fmul_rn(c, z.w));
-          }
-        }
-      }
-    }
+    noise_sum<kDist>(acc, seeds, scales + 1, n_seeds, false, g_block, lane);
 
     const float alpha = scales[0];
 #pragma unroll
