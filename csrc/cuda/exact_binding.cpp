@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "binding_checks.h"
 #include "exact.cuh"
 #include "tensor_table.h"
 
@@ -33,18 +34,9 @@ void noise_axpby_exact_table_cuda(const at::Tensor& table, int64_t n_tensors, in
                                   const at::Tensor& table_bits, double tau, bool encode, bool rounding,
                                   c10::string_view distribution) {
   const char* op = "noise_axpby_exact_table_";
-  int dist = zo::kGaussian;
-  if (distribution == "rademacher") {
-    dist = zo::kRademacher;
-  } else {
-    TORCH_CHECK(distribution == "gaussian", op, ": unknown distribution ", distribution);
-  }
+  const int dist = zo::cuda::distribution_code(distribution, op);
   const at::Device device = table.device();
-  TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kByte && table.dim() == 1 &&
-                  table.is_contiguous() && n_tensors >= 0 && n_tiles >= 0 &&
-                  table.numel() >= static_cast<int64_t>(zo::cuda::table_layout(n_tensors, 0).bytes) &&
-                  reinterpret_cast<uintptr_t>(table.data_ptr()) % 8 == 0,
-              op, ": table must be what cuda_table returned for ", n_tensors, " tensors");
+  zo::cuda::check_table(table, n_tensors, n_tiles, op);
   check_vector(seeds, device, at::kLong, "seeds");
   check_vector(scales, device, at::kFloat, "scales");
   check_vector(codes, device, at::kChar, "codes");

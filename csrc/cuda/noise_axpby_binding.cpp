@@ -33,6 +33,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_checks.h"
 #include "noise_axpby.cuh"
 #include "tensor_table.h"
 
@@ -42,12 +43,6 @@ int32_t table_dtype(at::ScalarType t, size_t k, const char* op) {
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": tensor ", k,
               " has dtype ", t, "; the cuda backend takes float32, float16 and bfloat16");
   return t == at::kFloat ? zo::cuda::kFloat32 : t == at::kHalf ? zo::cuda::kFloat16 : zo::cuda::kBFloat16;
-}
-
-int distribution_code(c10::string_view distribution, const char* op) {
-  if (distribution == "gaussian") return zo::kGaussian;
-  TORCH_CHECK(distribution == "rademacher", op, ": unknown distribution ", distribution);
-  return zo::kRademacher;
 }
 
 // The table entries of `params`, all on `device`.
@@ -77,7 +72,7 @@ void check_launch(cudaError_t err, const char* op) {
 void noise_axpby_cuda(at::TensorList params, at::IntArrayRef offsets, at::IntArrayRef seeds,
                       const at::Tensor& scales, c10::string_view distribution) {
   const char* op = "noise_axpby_";
-  const int dist = distribution_code(distribution, op);
+  const int dist = zo::cuda::distribution_code(distribution, op);
   TORCH_CHECK(scales.is_cuda() && scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
                   scales.numel() == static_cast<int64_t>(seeds.size()) + 1,
               "noise_axpby_: scales must be a float32 CUDA vector [alpha, c_1..c_n] of length ",
@@ -128,13 +123,9 @@ void noise_axpby_table_cuda(const at::Tensor& table, int64_t n_tensors, int64_t 
                             const at::Tensor& seeds, const at::Tensor& scales,
                             c10::string_view distribution) {
   const char* op = "noise_axpby_table_";
-  const int dist = distribution_code(distribution, op);
+  const int dist = zo::cuda::distribution_code(distribution, op);
   const at::Device device = table.device();
-  TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kByte && table.dim() == 1 &&
-                  table.is_contiguous() && n_tensors >= 0 && n_tiles >= 0 &&
-                  table.numel() >= static_cast<int64_t>(zo::cuda::table_layout(n_tensors, 0).bytes) &&
-                  reinterpret_cast<uintptr_t>(table.data_ptr()) % 8 == 0,
-              op, ": table must be what cuda_table returned for ", n_tensors, " tensors");
+  zo::cuda::check_table(table, n_tensors, n_tiles, op);
   TORCH_CHECK(seeds.device() == device && seeds.scalar_type() == at::kLong && seeds.dim() == 1 &&
                   seeds.is_contiguous(),
               op, ": seeds must be a contiguous int64 vector on ", device, " (got ",
