@@ -410,26 +410,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<kDist>)
   }
 }
 
-cudaError_t wave_blocks(int which, const void* kernel, int* out) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices][4] = {};  // per kernel: 2 * distribution + decoding  // 0: not asked yet; a benign race (same answer)
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  int* slot = device < kMaxDevices ? &cache[device][which] : nullptr;
-  if (slot != nullptr && *slot > 0) {
-    *out = *slot;
-    return cudaSuccess;
-  }
-  int sms = 0, per_sm = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  *out = sms * (per_sm > 0 ? per_sm : 1);
-  if (slot != nullptr) *slot = *out;
-  return cudaSuccess;
-}
-
 }  // namespace
 
 cudaError_t exact_launch(const void* table, int64_t n_tensors, int64_t n_tiles, const ExactArgs& args,
@@ -441,7 +421,8 @@ cudaError_t exact_launch(const void* table, int64_t n_tensors, int64_t n_tiles, 
                           ? (decoding ? exact_kernel<kGaussian, true> : exact_kernel<kGaussian, false>)
                           : (decoding ? exact_kernel<kRademacher, true> : exact_kernel<kRademacher, false>);
   int wave = 0;
-  const cudaError_t err = wave_blocks(2 * distribution + (decoding ? 1 : 0), reinterpret_cast<const void*>(kernel), &wave);
+  const cudaError_t err = wave_blocks<4, kThreads>(2 * distribution + (decoding ? 1 : 0),
+                                                   reinterpret_cast<const void*>(kernel), &wave);
   if (err != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(n_tiles < wave ? n_tiles : wave);
   kernel<<<blocks, kThreads, 0, stream>>>(table, n_tensors, n_tiles, args);

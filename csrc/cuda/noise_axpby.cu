@@ -178,29 +178,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<kDist>)
   }
 }
 
-// Blocks in one resident wave of `kernel` on the current device. The occupancy query costs
-// a few microseconds and its answer never changes for a device, so it is asked once per
-// device and distribution (the prepared path launches every pass, hundreds of times a step).
-cudaError_t wave_blocks(int distribution, const void* kernel, int* out) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices][2] = {};  // 0: not asked yet; a benign race (same answer)
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  int* slot = device < kMaxDevices ? &cache[device][distribution] : nullptr;
-  if (slot != nullptr && *slot > 0) {
-    *out = *slot;
-    return cudaSuccess;
-  }
-  int sms = 0, per_sm = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  *out = sms * (per_sm > 0 ? per_sm : 1);
-  if (slot != nullptr) *slot = *out;
-  return cudaSuccess;
-}
-
 }  // namespace
 
 cudaError_t noise_axpby_launch(const void* table, int64_t n_tensors, int64_t n_tiles,
@@ -211,7 +188,7 @@ cudaError_t noise_axpby_launch(const void* table, int64_t n_tensors, int64_t n_t
   const auto kernel =
       distribution == kGaussian ? noise_axpby_kernel<kGaussian> : noise_axpby_kernel<kRademacher>;
   int wave = 0;
-  const cudaError_t err = wave_blocks(distribution, reinterpret_cast<const void*>(kernel), &wave);
+  const cudaError_t err = wave_blocks<2, kThreads>(distribution, reinterpret_cast<const void*>(kernel), &wave);
   if (err != cudaSuccess) return err;
   // One resident wave: more blocks would only queue, fewer would leave SMs idle.
   const unsigned blocks = static_cast<unsigned>(n_tiles < wave ? n_tiles : wave);

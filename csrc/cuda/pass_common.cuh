@@ -1,7 +1,10 @@
 // What the CUDA pass kernels (noise_axpby.cu, exact.cu) share: the weak global accesses,
-// the thread layout inside a Philox block, and the noise sum of one Philox block. Device code
-// only, all inlined, so each kernel compiles to what it did with its own copies.
+// the thread layout inside a Philox block, the noise sum of one Philox block (device code,
+// all inlined, so each kernel compiles to what it did with its own copies), and the size of
+// a launch's grid. Internal linkage: each kernel file has its own copy (and its own cache).
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -97,6 +100,31 @@ __device__ __forceinline__ void noise_sum(float (&acc)[kNV][kVec], const uint64_
       }
     }
   }
+}
+
+// Blocks in one resident wave of `kernel` (variant `which` < kVariants of this file's kernel)
+// of kThreads threads on the current device. The occupancy query costs a few microseconds and
+// its answer never changes for a device, so it is asked once per device and variant (the
+// prepared paths launch every pass, hundreds of times a step).
+template <int kVariants, int kThreads>
+cudaError_t wave_blocks(int which, const void* kernel, int* out) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices][kVariants] = {};  // 0: not asked yet; a benign race (same answer)
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int* slot = device < kMaxDevices ? &cache[device][which] : nullptr;
+  if (slot != nullptr && *slot > 0) {
+    *out = *slot;
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  *out = sms * (per_sm > 0 ? per_sm : 1);
+  if (slot != nullptr) *slot = *out;
+  return cudaSuccess;
 }
 
 }  // namespace
