@@ -179,6 +179,19 @@ def test_zo_update_many_seeds(distribution):
 
 
 @pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+def test_unaligned_views_take_the_unaligned_tiles(distribution):
+    """Views that start off a 16-byte boundary (one buffer, odd starts) run the unaligned
+    configuration (shorter tiles, scalar accesses) and still match the reference."""
+    buf = torch.randn(20_000, generator=torch.Generator().manual_seed(4)).to(device_for_kernels())
+    params = [buf[1:5001], buf[5003:5003 + 9000], buf[14_005:14_010]]
+    assert not kernels.table_for(params, noise.offsets([5000, 9000, 5]), kernels.BLOCK).aligned
+    ref32 = reference_pass(params, [11, 2**64 - 7], [1.0, 0.25, -0.5], distribution)
+    triton_pass(params, [11, 2**64 - 7], [1.0, 0.25, -0.5], distribution)
+    assert_matches_reference(params, ref32, [1.0, 0.25, -0.5], distribution)
+    assert kernels.config(torch.float32, distribution, aligned=False) == kernels.UNALIGNED
+
+
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
 def test_tuned_block_and_warps_give_the_same_bits(monkeypatch, distribution):
     """A (BLOCK, num_warps) from a GPU sweep (kernels.TUNED) changes the tiling, never a
     value: z is a function of (seed, global index) alone."""
@@ -214,14 +227,14 @@ def test_perturb_then_restore_is_exact():
 
 def test_every_kernel_compiles_for_sm90(compile_reports):
     """triton.compile for a CUDA sm_90 target, no GPU needed. No approximate math may appear,
-    aligned tensors must get 8- or 16-byte vector loads and stores and spill nothing (the
-    unaligned fallback, a scalar address an element, takes 209-255 registers)."""
+    aligned tensors must get 8- or 16-byte vector loads and stores, and no variant spills (the
+    unaligned one, a scalar address an element, runs shorter tiles: noise_axpby.UNALIGNED)."""
     reports = compile_reports()
     assert len(reports) == 12
     for r in reports:
         assert r["cubin_bytes"] > 0 and r["approx"] == [], r
-        if r["aligned"] and r["registers"] is not None:  # ptxas: two 256-thread blocks an
-            assert r["registers"] <= 128 and r["spill_bytes"] == 0, r  # SM (unaligned: 255)
+        if r["registers"] is not None:  # ptxas: aligned, two 256-thread blocks an SM at least
+            assert r["registers"] <= (128 if r["aligned"] else 160) and r["spill_bytes"] == 0, r
         if r["aligned"]:
             assert {"ld.global.v2.b32", "ld.global.v4.b32"} & set(r["loads"]), r
             assert {"st.global.v2.b32", "st.global.v4.b32"} & set(r["stores"]), r
