@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "exact_cpu.h"
@@ -114,28 +115,38 @@ ZO_INLINE void decode(uint32_t* __restrict theta, const typename D::Store* __res
   }
 }
 
+// 0x80 in each byte of ``w`` that holds ESC (0x80), 0 in the others: exact per byte (the add
+// cannot carry into the next byte), so the set bits walk the ESC codes in index order.
+ZO_INLINE uint64_t esc_bytes(uint64_t w) {
+  constexpr uint64_t k7f = 0x7f7f7f7f7f7f7f7fULL;
+  const uint64_t v = w ^ 0x8080808080808080ULL;  // ESC bytes -> 0
+  return ~(((v & k7f) + k7f) | v | k7f);
+}
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "esc_bytes reads codes as little-endian words");
+
 // The side-table entries of the ESC elements: slot = chunk_base[chunk] + ESC codes before the
-// element in its chunk. Returns false if a slot falls outside the table.
+// element in its chunk. The codes are read 8 at a time and only the ESC ones visited (a
+// branch per code mispredicts on each ESC: 0.7% of N(0, 0.02) weights, most chunks); returns
+// false if a slot falls outside the table.
 ZO_INLINE bool lookup_table(uint32_t* theta, const int8_t* codes, int64_t n, int64_t chunk0,
                             const ExactArgs& A) {
-  bool ok = true;
   for (int64_t c0 = 0; c0 < n; c0 += kTableChunk) {
     const int64_t len = std::min(kTableChunk, n - c0);
-    const int8_t* cc = codes + c0;
-    uint32_t any = 0;
-    for (int64_t e = 0; e < len; ++e) any |= static_cast<uint32_t>(cc[e] == kEsc);
-    if (any == 0) continue;
-    int64_t slot = A.chunk_base[chunk0 + c0 / kTableChunk];
-    for (int64_t e = 0; e < len; ++e) {
-      if (cc[e] != kEsc) continue;
-      if (slot < 0 || slot >= A.n_bits) {
-        ok = false;
-        return ok;
+    int64_t slot = -1;  // read at the chunk's first ESC code
+    for (int64_t w0 = 0; w0 < len; w0 += 8) {
+      uint64_t word = 0;  // past the tensor: zero bytes, which are not ESC
+      if (w0 + 8 <= len)
+        std::memcpy(&word, codes + c0 + w0, 8);
+      else
+        std::memcpy(&word, codes + c0 + w0, static_cast<size_t>(len - w0));
+      for (uint64_t m = esc_bytes(word); m != 0; m &= m - 1) {
+        if (slot < 0) slot = A.chunk_base[chunk0 + c0 / kTableChunk];
+        if (slot < 0 || slot >= A.n_bits) return false;
+        theta[c0 + w0 + (__builtin_ctzll(m) >> 3)] = static_cast<uint32_t>(A.bits[slot++]);
       }
-      theta[c0 + e] = static_cast<uint32_t>(A.bits[slot++]);
     }
   }
-  return ok;
+  return true;
 }
 
 // n_old == 0 and encode: the table elements are the special ones (EXACT.md): mark them ESC
