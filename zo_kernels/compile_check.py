@@ -33,14 +33,18 @@ POINTER_ARGS = ("base_ptr", "rows_ptr", "block_map_ptr", "seeds_ptr", "scales_pt
 DIVISIBLE_16 = [["tt.divisibility", 16]]  # what the launcher's specialization gives pointers
 
 
+def plain_config(aligned: bool) -> tuple[int, int]:
+    """(BLOCK, num_warps) the plain pass launches with, TUNED aside."""
+    return (noise_axpby.BLOCK, noise_axpby.NUM_WARPS) if aligned else noise_axpby.UNALIGNED
+
+
 def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSource:
     """The plain kernel as launched for aligned or unaligned tiles (noise_axpby.config)."""
     kernel = noise_axpby.noise_axpby_kernel
     signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
                  "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_seeds": "i32"}
     constexprs = {"RADEMACHER": rademacher, "LIBDEVICE": True, "ALIGNED": aligned,
-                  "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype],
-                  "BLOCK": noise_axpby.config(None, None, aligned)[0]}
+                  "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype], "BLOCK": plain_config(aligned)[0]}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16 for name in POINTER_ARGS}
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
@@ -49,7 +53,7 @@ def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSo
 
 def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
     compiled = triton.compile(source(dtype, rademacher, aligned), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": noise_axpby.config(None, None, aligned)[1]})
+                              options={"num_warps": plain_config(aligned)[1]})
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
             **summary(compiled)}
 

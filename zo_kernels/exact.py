@@ -13,10 +13,10 @@ passes ``enable_fp_fusion=False``, so decode and encode compute ``RN(p - s)`` id
 The kernel works on raw bits (int32, zero-extended for 16-bit dtypes): it loads and stores
 the parameters through bitcasts and rounds to bfloat16 by hand (the interpreter truncates).
 Tiles are laid out as noise_axpby.py's (tensor_table.py rows), at this kernel's own BLOCK
-(CONFIG, below): [BLOCK/4, 4] for Gaussian noise, [BLOCK/128, 128] for Rademacher. The ESC count is an exclusive tl.cumsum along the rows of a
-[BLOCK/128, 128] view (one row is one table chunk: offsets and code_base are 128-aligned);
-the stochastic-rounding words are made in the Gaussian layout (one Philox call per 4
-elements) and reshaped for Rademacher tiles.
+(CONFIG, below): [BLOCK/4, 4] for Gaussian noise, [BLOCK/128, 128] for Rademacher. The ESC
+count is an exclusive tl.cumsum along the rows of a [BLOCK/128, 128] view (one row is one
+table chunk: offsets and code_base are 128-aligned); the stochastic-rounding words are made
+in the Gaussian layout (one Philox call per 4 elements) and reshaped for Rademacher tiles.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ ESC = -128
 # (BLOCK, num_warps) of the exact kernel. An element keeps about ten 32-bit values live (x,
 # s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element tiles
 # ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM; at
-# 2048 the middle passes take 64-80 and the first and last 178 without spills
-# (compile_check reports them). benchmarks/gpu/driver.py --sweep times the alternatives.
+# 2048 the middle passes take 64-80 and the first and last 178-186 without spills
+# (compile_check reports them). benchmarks/gpu/driver.py --sweep-s times the alternatives.
 CONFIG = (2048, 8)
 CHUNK_C = tl.constexpr(CHUNK)
 ESC_C = tl.constexpr(ESC)

@@ -22,9 +22,6 @@ from .exact import BIGS, CHUNK, _bits_of, dtype_launches, special
 from .noise_axpby import BLOCK, NUM_WARPS, load_tile, tile
 from .tensor_table import VECTOR_BYTES, device_of
 
-ROWS = BLOCK // CHUNK
-
-
 @triton.jit
 def _chunk_tile(base_ptr, rows_ptr, block_map_ptr, code_base, tau, BIG: tl.constexpr,
                 ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):

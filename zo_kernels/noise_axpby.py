@@ -31,7 +31,7 @@ PHILOX_W1 = tl.constexpr(0xBB67AE85)
 BLOCK = 4096  # elements per program; a multiple of 128
 NUM_WARPS = 8
 # (BLOCK, num_warps) of the plain pass per (dtype, distribution) where a sweep on a GPU found
-# a faster pair than the defaults above (benchmarks/gpu/driver.py --sweep prints them).
+# a faster pair than the defaults above (benchmarks/gpu/driver.py --sweep-s prints them).
 TUNED: dict[tuple[torch.dtype, str], tuple[int, int]] = {}
 
 
@@ -237,10 +237,14 @@ def prepare(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     ``run(seeds, scales, distribution)`` with int64 seeds (uint64 bits) and float32 scales on
     the params' device, which only launches: no copy, no sync, so it can be graph-captured."""
     groups = by_dtype(params, offsets)
-    # (group, BLOCK) -> its tensor table; the default BLOCK's now, so that a first pass under
-    # a CUDA-graph capture uploads nothing
+    # (group, BLOCK) -> its tensor table. Alignment does not depend on BLOCK; an unaligned
+    # group's table is made now too, so that a first pass under a CUDA-graph capture uploads
+    # nothing (only a TUNED BLOCK's table waits for its first pass).
     tables = {(k, BLOCK): table_for(ps, os_, BLOCK) for k, (ps, os_) in enumerate(groups)}
-    aligned = [tables[(k, BLOCK)].aligned for k in range(len(groups))]  # whatever the BLOCK
+    aligned = [tables[(k, BLOCK)].aligned for k in range(len(groups))]
+    for k, (ps, os_) in enumerate(groups):
+        if not aligned[k]:
+            tables[(k, UNALIGNED[0])] = table_for(ps, os_, UNALIGNED[0])
 
     def run(seeds: torch.Tensor, scales: torch.Tensor, distribution: str) -> None:
         scales = scales.to(dtype=torch.float32).contiguous()
@@ -249,7 +253,7 @@ def prepare(params: Sequence[torch.Tensor], offsets: Sequence[int]):
         for k, (ps, os_) in enumerate(groups):
             block, warps = config(ps[0].dtype, distribution, aligned[k])
             table = tables.get((k, block))
-            if table is None:  # a tuned or unaligned BLOCK: made on its first pass
+            if table is None:  # a TUNED BLOCK: made on its first pass
                 table = tables[(k, block)] = table_for(ps, os_, block)
             _launch(ps, table, seeds, scales.numel() - 1, scales, distribution == "rademacher",
                     block, warps)
