@@ -1,6 +1,7 @@
 """Test setup. Without a GPU, Triton runs on the CPU through its interpreter, which must be
 chosen before triton is first imported (importing torch does not import it); on a GPU
 machine the kernels run compiled unless TRITON_INTERPRET says otherwise."""
+import functools
 import json
 import os
 import subprocess
@@ -25,7 +26,9 @@ def kat():
 @pytest.fixture(scope="session")
 def compile_reports():
     """``reports(*args)``: the JSON lines of ``python -m zo_kernels.compile_check 90 *args``,
-    run in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler here)."""
+    run in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler here),
+    once per argument list and session (the tests only read them)."""
+    @functools.cache
     def reports(*args: str) -> list[dict]:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         proc = subprocess.run([sys.executable, "-m", "zo_kernels.compile_check", "90", *args],

@@ -227,8 +227,9 @@ def test_perturb_then_restore_is_exact():
 
 def test_every_kernel_compiles_for_sm90(compile_reports):
     """triton.compile for a CUDA sm_90 target, no GPU needed. No approximate math may appear,
-    aligned tensors must get 8- or 16-byte vector loads and stores, and no variant spills (the
-    unaligned one, a scalar address an element, runs shorter tiles: noise_axpby.UNALIGNED)."""
+    aligned tensors of every dtype must get 16-byte vector loads and stores, and no variant
+    spills (the unaligned one, a scalar address an element, runs shorter tiles:
+    kernels.UNALIGNED)."""
     reports = compile_reports()
     assert len(reports) == 12
     for r in reports:
@@ -236,8 +237,19 @@ def test_every_kernel_compiles_for_sm90(compile_reports):
         if r["registers"] is not None:  # ptxas: aligned, two 256-thread blocks an SM at least
             assert r["registers"] <= (128 if r["aligned"] else 160) and r["spill_bytes"] == 0, r
         if r["aligned"]:
-            assert {"ld.global.v2.b32", "ld.global.v4.b32"} & set(r["loads"]), r
-            assert {"st.global.v2.b32", "st.global.v4.b32"} & set(r["stores"]), r
+            assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], r
+
+
+def test_aligned_tiles_make_no_philox_call_twice(compile_reports):
+    """The Philox work of one thread and seed (Philox makes 20 high multiplies a call, the PTX
+    counts them): a Gaussian call per 4 elements it holds, and one Rademacher call for all of
+    them, since its elements are the slices of one 128-element row (kernels.LANES) where a
+    row-per-warp layout had each thread make a call for every 16-byte vector."""
+    per_thread = kernels.BLOCK // (kernels.NUM_WARPS * 32)
+    for r in compile_reports():
+        if r["aligned"]:
+            calls = 1 if r["rademacher"] else per_thread // 4
+            assert r["mul_hi"] <= 20 * calls, r
 
 
 # --- full size on a GPU --------------------------------------------------------------------

@@ -6,11 +6,11 @@
 
 Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a subprocess).
 Each line reports what a reviewer would grep the PTX for: approximate math instructions
-(the noise contract forbids them) and the global load/store widths (interior tiles should
-use 16-byte vectors when the tensors are aligned), and for the exact kernel, which is
-compiled with enable_fp_fusion=False, the fma instructions (only libdevice's own may remain);
-and, from ptxas (Triton's own), the registers a thread and the spill bytes, which set how
-many blocks an SM holds.
+(the noise contract forbids them), the global load/store widths (interior tiles should
+use 16-byte vectors when the tensors are aligned), the Philox calls a thread makes, and for
+the exact kernel, which is compiled with enable_fp_fusion=False, the fma instructions (only
+libdevice's own may remain); and, from ptxas (Triton's own), the registers a thread and the
+spill bytes, which set how many blocks an SM holds.
 """
 from __future__ import annotations
 
@@ -59,14 +59,16 @@ def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
 
 
 def summary(compiled) -> dict:
-    """What the PTX shows: approximate math, fma instructions, global load/store widths; and
-    what ptxas reports: registers a thread and spill bytes (None without a ptxas)."""
+    """What the PTX shows: approximate math, fma instructions, global load/store widths, the
+    32-bit high multiplies (Philox makes 20 a call, so they count the calls a thread makes);
+    and what ptxas reports: registers a thread and spill bytes (None without a ptxas)."""
     ptx = compiled.asm["ptx"]
     return {"cubin_bytes": len(compiled.asm["cubin"]),
             "approx": sorted(set(re.findall(r"\b\w+\.approx[\w.]*", ptx))),
             "fma": sorted(set(re.findall(r"\bfma\.[\w.]*", ptx))),
             "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
             "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
+            "mul_hi": len(re.findall(r"\bmul\.hi\.u32", ptx)),
             **registers(ptx)}
 
 

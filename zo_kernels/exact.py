@@ -117,9 +117,9 @@ def _z_tile(seed, g0, RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: 
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     if RADEMACHER:
-        return _rademacher_tile(k0, k1, g0, BLOCK)
+        return _rademacher_tile(k0, k1, g0, BLOCK, 1)
     else:
-        return _gaussian_tile(k0, k1, g0, BLOCK, LIBDEVICE)
+        return _gaussian_tile(k0, k1, g0, BLOCK, 4, LIBDEVICE)
 
 
 @triton.jit

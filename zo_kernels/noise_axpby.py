@@ -3,11 +3,12 @@
     params[k] = scales[0] * params[k] + sum_i scales[1 + i] * z_k(seeds[i])
 
 z is regenerated in registers from (seed, global element index): Philox4x32-10 with key
-(lo32(seed), hi32(seed)) and counter (lo32(j), hi32(j), 0, 0). Gaussian tiles are
-[BLOCK/4, 4] (one Philox call, four Box-Muller normals per row), Rademacher tiles
-[BLOCK/128, 128] (one call, 128 sign bits per row). Arithmetic is float32; stores round to
-nearest even in the parameter's dtype. One launch per dtype group covers all its tensors
-(tensor_table.py), and the scalars are read on the device: no host sync.
+(lo32(seed), hi32(seed)) and counter (lo32(j), hi32(j), 0, 0). Gaussian tiles have a
+16-byte vector a row (one Philox call, four Box-Muller normals, per 4 elements), Rademacher
+tiles a 128-element row split into slices that one thread holds (one call, 128 sign bits,
+per row and thread). Arithmetic is float32; stores round to nearest even in the parameter's
+dtype. One launch per dtype group covers all its tensors (tensor_table.py), and the scalars
+are read on the device: no host sync.
 
 Philox is written out here rather than taken from tl.randint4x so that the 64-bit key and
 counter split is the contract's on every Triton version (it matches 3.7's randint4x).
@@ -48,6 +49,13 @@ def config(dtype: torch.dtype, distribution: str, aligned: bool = True) -> tuple
     return TUNED.get((dtype, distribution), (BLOCK, NUM_WARPS))
 
 
+# Threads that share one 128-element Rademacher row in the plain pass: LANES 16-byte vectors
+# side by side make one slice of the row, so each load instruction of LANES threads reads 128
+# contiguous bytes, and a thread holds the 128/(LANES*VEC) slices of one row (the CUDA
+# kernel's layout) and makes one Philox call for them.
+LANES = tl.constexpr(8)
+
+
 @triton.jit
 def _philox4x32_10(c0, c1, k0, k1):
     """Philox4x32-10 words for counters (c0, c1, 0, 0) and key (k0, k1), all uint32."""
@@ -65,9 +73,10 @@ def _philox4x32_10(c0, c1, k0, k1):
 
 
 @triton.jit
-def _philox_rows(k0, k1, j0, ROWS: tl.constexpr):
-    """Words of counters j0 .. j0 + ROWS - 1 (j0 int64), as [ROWS] vectors."""
-    j = j0 + tl.arange(0, ROWS).to(tl.int64)
+def _philox_rows(k0, k1, j0, ROWS: tl.constexpr, STEP: tl.constexpr = 1):
+    """Words of counters j0, j0 + STEP, ..., j0 + (ROWS - 1) STEP (j0 int64), as [ROWS]
+    vectors."""
+    j = j0 + tl.arange(0, ROWS).to(tl.int64) * STEP
     return _philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), k0, k1)
 
 
@@ -95,24 +104,46 @@ def _box_muller(wr, wt, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _gaussian_tile(k0, k1, g0, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 4 == 0) as a [BLOCK/4, 4] tile."""
-    w0, w1, w2, w3 = _philox_rows(k0, k1, g0 >> 2, BLOCK // 4)
+def _gaussian_tile(k0, k1, g0, BLOCK: tl.constexpr, WIDTH: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 4 == 0) as a [BLOCK/WIDTH, WIDTH] tile,
+    WIDTH 4 or 8: a row takes WIDTH/4 whole Philox calls (four Box-Muller normals each), so a
+    16-byte vector of a 16-bit type is one row and loads as one."""
+    z = _gaussian_quads(k0, k1, g0 >> 2, BLOCK, WIDTH, 0, LIBDEVICE)
+    if WIDTH == 8:
+        lane = tl.arange(0, WIDTH)[None, :]
+        z = tl.where(lane < 4, z, _gaussian_quads(k0, k1, g0 >> 2, BLOCK, WIDTH, 1, LIBDEVICE))
+    return z
+
+
+@triton.jit
+def _gaussian_quads(k0, k1, j0, BLOCK: tl.constexpr, WIDTH: tl.constexpr, PART: tl.constexpr,
+                    LIBDEVICE: tl.constexpr):
+    """Counters j0 + r*WIDTH/4 + PART of the rows r of a [BLOCK/WIDTH, WIDTH] tile, as that
+    tile: lane l of a row holds word l & 3 of its counter's normals."""
+    w0, w1, w2, w3 = _philox_rows(k0, k1, j0 + PART, BLOCK // WIDTH, WIDTH // 4)
     z0, z1 = _box_muller(w0, w1, LIBDEVICE)
     z2, z3 = _box_muller(w2, w3, LIBDEVICE)
-    lane = tl.arange(0, 4)[None, :]
+    lane = tl.arange(0, WIDTH)[None, :] & 3
     return tl.where(lane < 2, tl.where(lane == 0, z0[:, None], z1[:, None]),
                     tl.where(lane == 2, z2[:, None], z3[:, None]))
 
 
 @triton.jit
-def _rademacher_tile(k0, k1, g0, BLOCK: tl.constexpr):
-    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 128 == 0) as a [BLOCK/128, 128] tile:
-    bit b of a row is bit (b & 31) of word b >> 5."""
+def _rademacher_tile(k0, k1, g0, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 128 == 0): bit b of a 128-element row is
+    bit (b & 31) of its counter's word b >> 5. SPLIT 1: a [BLOCK/128, 128] tile. SPLIT > 1:
+    [SPLIT, BLOCK/128, 128/SPLIT], where element (v, r, c) is bit v*128/SPLIT + c of row r; a
+    thread then holds the slices v of one row (see LANES) and makes one Philox call where it
+    would make one per slice."""
     w0, w1, w2, w3 = _philox_rows(k0, k1, g0 >> 7, BLOCK // 128)
-    b = tl.arange(0, 128)[None, :]
-    word = tl.where(b < 64, tl.where(b < 32, w0[:, None], w1[:, None]),
-                    tl.where(b < 96, w2[:, None], w3[:, None]))
+    if SPLIT == 1:
+        b = tl.arange(0, 128)[None, :]
+        w0, w1, w2, w3 = w0[:, None], w1[:, None], w2[:, None], w3[:, None]
+    else:
+        b = (tl.arange(0, SPLIT)[:, None, None] * (128 // SPLIT)
+             + tl.arange(0, 128 // SPLIT)[None, None, :])
+        w0, w1, w2, w3 = w0[None, :, None], w1[None, :, None], w2[None, :, None], w3[None, :, None]
+    word = tl.where(b < 64, tl.where(b < 32, w0, w1), tl.where(b < 96, w2, w3))
     bit = (word >> (b & 31).to(tl.uint32)) & 1
     return bit.to(tl.float32) * 2.0 - 1.0
 
@@ -132,11 +163,12 @@ def _round_to(y, dtype: tl.constexpr):
 
 @triton.jit
 def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr,
-         VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's tile of one tensor (tensor_table.py rows) as [BLOCK/WIDTH, WIDTH] slots:
-    (pointers, slot indices in the tile, which slots hold the tensor's elements, whether all
-    do, the global index of slot 0, the tensor's slots from slot 0 on). Shared by every
-    multi-tensor kernel."""
+         VEC: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr = 1):
+    """This program's tile of one tensor (tensor_table.py rows) as [BLOCK/WIDTH, WIDTH] slots,
+    or with SPLIT > 1 as [SPLIT, BLOCK/WIDTH, WIDTH/SPLIT] (slot (v, r, c) is slot
+    r*WIDTH + v*WIDTH/SPLIT + c): (pointers, slot indices in the tile, which slots hold the
+    tensor's elements, whether all do, the global index of slot 0, the tensor's slots from
+    slot 0 on). Shared by every multi-tensor kernel."""
     pid = tl.program_id(0)
     row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
     ptr_origin = tl.load(row)
@@ -144,7 +176,12 @@ def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.con
     hi = tl.load(row + 2)
     g_origin = tl.load(row + 3)
     slot0 = (pid - tl.load(row + 4)) * BLOCK  # int64: the tile's first slot
-    idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    if SPLIT == 1:
+        idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    else:
+        idx = (tl.arange(0, SPLIT)[:, None, None] * (WIDTH // SPLIT)
+               + tl.arange(0, BLOCK // WIDTH)[None, :, None] * WIDTH
+               + tl.arange(0, WIDTH // SPLIT)[None, None, :])
     start = ptr_origin + slot0
     if ALIGNED:
         start = tl.multiple_of(start, VEC)
@@ -179,10 +216,15 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows)."""
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
+        SPLIT: tl.constexpr = 128 // (LANES * VEC)
     else:
-        WIDTH: tl.constexpr = 4
+        if ALIGNED:
+            WIDTH: tl.constexpr = VEC  # a 16-byte vector a row: one load
+        else:
+            WIDTH: tl.constexpr = 4  # an element a load anyway; wider rows only add registers
+        SPLIT: tl.constexpr = 1
     ptrs, _, mask, interior, g0, _ = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH, ALIGNED,
-                                          VEC, BLOCK)
+                                          VEC, BLOCK, SPLIT)
     x = load_tile(ptrs, mask, interior).to(tl.float32)
 
     # y = alpha * x + (sum_i c_i z_i): the reference's order of float32 roundings. The sum
@@ -197,9 +239,9 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
         k1 = (seed >> 32).to(tl.uint32)
         c = tl.load(scales_ptr + 1 + i)
         if RADEMACHER:
-            acc += c * _rademacher_tile(k0, k1, g0, BLOCK)
+            acc += c * _rademacher_tile(k0, k1, g0, BLOCK, SPLIT)
         else:
-            acc += c * _gaussian_tile(k0, k1, g0, BLOCK, LIBDEVICE)
+            acc += c * _gaussian_tile(k0, k1, g0, BLOCK, WIDTH, LIBDEVICE)
     out = _round_to(tl.load(scales_ptr) * x + acc, base_ptr.dtype.element_ty)
 
     store_tile(ptrs, out, mask, interior)
