@@ -178,17 +178,22 @@ def test_prepared_list_uses_the_kernel():
 
 def test_exact_kernel_compiles_for_sm90(compile_reports):
     """triton.compile for sm_90 without a GPU. No approximate math; with
-    enable_fp_fusion=False no fma outside libdevice (so none in Rademacher kernels); aligned
-    tiles use the vector loads and stores the plain kernel does; registers within bounds."""
+    enable_fp_fusion=False no fma at all (the noise is the reference's roundings); aligned
+    tiles use the vector loads and stores the plain kernel does; registers within bounds;
+    and no Philox call made twice (see test_aligned_tiles_make_no_philox_call_twice)."""
     reports = compile_reports("exact")
     assert len(reports) == 10
+    per_thread = kernel.CONFIG[0] // (kernel.CONFIG[1] * 32)
     for r in reports:
         assert r["kernel"] == "exact" and r["cubin_bytes"] > 0 and r["approx"] == [], r
+        assert r["fma"] == [], r
         if r["registers"] is not None:  # ptxas: the middle passes (2q - 1 a step) fit two
             # 256-thread blocks an SM, the others one without the 255-register cap's spills
             assert r["registers"] <= (128 if r["variant"] == "restore_perturb" else 192), r
-        if r["rademacher"]:
-            assert r["fma"] == [], r
+        # a Philox call per 4 elements a thread holds (at most) in each tile of words: z of
+        # the old seed and/or of the new seed, and the rounding words (Gaussian-shaped)
+        tiles = {"first": 1, "restore_perturb": 2, "update_sr": 3}[r["variant"]]
+        assert r["mul_hi"] <= 20 * tiles * per_thread // 4, r
         if r["aligned"]:
             assert {"ld.global.v2.b32", "ld.global.v4.b32"} & set(r["loads"]), r
             assert {"st.global.v2.b32", "st.global.v4.b32"} & set(r["stores"]), r

@@ -8,9 +8,9 @@ Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a sub
 Each line reports what a reviewer would grep the PTX for: approximate math instructions
 (the noise contract forbids them), the global load/store widths (interior tiles should
 use 16-byte vectors when the tensors are aligned), the Philox calls a thread makes, and for
-the exact kernel, which is compiled with enable_fp_fusion=False, the fma instructions (only
-libdevice's own may remain); and, from ptxas (Triton's own), the registers a thread and the
-spill bytes, which set how many blocks an SM holds.
+the exact kernel, which is compiled with enable_fp_fusion=False, the fma instructions (there
+must be none); and, from ptxas (Triton's own), the registers a thread and the spill bytes,
+which set how many blocks an SM holds.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSo
     kernel = noise_axpby.noise_axpby_kernel
     signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
                  "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_seeds": "i32"}
-    constexprs = {"RADEMACHER": rademacher, "LIBDEVICE": True, "ALIGNED": aligned,
+    constexprs = {"RADEMACHER": rademacher, "ALIGNED": aligned,
                   "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype], "BLOCK": plain_config(aligned)[0]}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16 for name in POINTER_ARGS}
@@ -93,10 +93,10 @@ def registers(ptx: str) -> dict:
             "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-# The exact kernel's variants: (name, DECODE, PAIR, ENCODE, ROUNDING, aligned)
-EXACT_VARIANTS = (("first", False, False, True, False, False),  # a=0 -> +eps z, encode
-                  ("restore_perturb", True, True, True, False, True),  # the middle passes
-                  ("update_sr", True, False, False, True, True))  # the last pass, rounding
+# The exact kernel's variants: (name, DECODE, ENCODE, ROUNDING, aligned)
+EXACT_VARIANTS = (("first", False, True, False, False),  # a=0 -> +eps z, encode
+                  ("restore_perturb", True, True, False, True),  # the middle passes
+                  ("update_sr", True, False, True, True))  # the last pass, rounding
 EXACT_POINTER_ARGS = ("base_ptr", "rows_ptr", "block_map_ptr", "seeds_ptr", "scales_ptr",
                       "codes_ptr", "chunk_base_ptr", "bits_ptr")
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -106,13 +106,13 @@ def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compile
     import torch
 
     kernel = exact.exact_kernel
-    _, decode, pair, encode, rounding, aligned = variant
+    _, decode, encode, rounding, aligned = variant
     signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
                  "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_old": "i32", "n_new": "i32",
                  "codes_ptr": "*i8", "code_base": "i64", "chunk_base_ptr": "*i32",
                  "bits_ptr": "*i32", "tau": "fp32"}
-    constexprs = {"DECODE": decode, "PAIR": pair, "ENCODE": encode, "ROUNDING": rounding,
-                  "RADEMACHER": rademacher, "LIBDEVICE": True, "ALIGNED": aligned,
+    constexprs = {"DECODE": decode, "ENCODE": encode, "ROUNDING": rounding,
+                  "RADEMACHER": rademacher, "ALIGNED": aligned,
                   "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype],
                   "BIG": exact.BIGS[getattr(torch, TORCH_DTYPES[dtype])],
                   "BLOCK": exact.CONFIG[0]}
@@ -129,7 +129,7 @@ def exact_report(dtype: str, rademacher: bool, variant: tuple, arch: int) -> dic
                               options={"num_warps": exact.CONFIG[1],
                                        "enable_fp_fusion": False})
     return {"kernel": "exact", "variant": variant[0], "dtype": dtype, "rademacher": rademacher,
-            "aligned": variant[5], "arch": arch, **summary(compiled)}
+            "aligned": variant[4], "arch": arch, **summary(compiled)}
 
 
 def table_report(kernel, dtype: str, arch: int) -> dict:

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, INTERPRETED, _gaussian_tile, _philox_rows, _rademacher_tile,
-                          load_tile, store_tile, tile)
+from .noise_axpby import (DTYPES, INTERPRETED, _gaussian_tile, _philox, _rademacher_tile,
+                          load_tile, row_counters, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
@@ -113,21 +113,23 @@ def special(theta, tau, BIG: tl.constexpr):
 
 
 @triton.jit
-def _z_tile(seed, g0, RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+def _z_tile(seed, j, RADEMACHER: tl.constexpr):
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     if RADEMACHER:
-        return _rademacher_tile(k0, k1, g0, BLOCK, 1)
+        return _rademacher_tile(k0, k1, j, 1)
     else:
-        return _gaussian_tile(k0, k1, g0, BLOCK, 4, LIBDEVICE)
+        return _gaussian_tile(k0, k1, j, 4)
 
 
 @triton.jit
-def _word_tile(seed, g0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+def _word_tile(seed, j, g0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
     """The rounding word of each element: word g & 3 of Philox(seed, g >> 2), in the tile's
-    layout ([BLOCK/4, 4] made, reshaped to [BLOCK/128, 128] for Rademacher tiles)."""
-    w0, w1, w2, w3 = _philox_rows(seed.to(tl.uint32), (seed >> 32).to(tl.uint32), g0 >> 2,
-                                  BLOCK // 4)
+    layout (j: the rows' Gaussian counters in [BLOCK/4, 4] tiles; a Rademacher tile's words
+    are made as [BLOCK/4, 4] and reshaped to [BLOCK/128, 128])."""
+    if WIDTH != 4:
+        j = row_counters(g0 >> 2, BLOCK // 4, 1)
+    w0, w1, w2, w3 = _philox(j, seed.to(tl.uint32), (seed >> 32).to(tl.uint32))
     lane = tl.arange(0, 4)[None, :]
     w = tl.where(lane < 2, tl.where(lane == 0, w0[:, None], w1[:, None]),
                  tl.where(lane == 2, w2[:, None], w3[:, None]))
@@ -152,13 +154,11 @@ def _exclusive_count(esc, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
 @triton.jit
 def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old, n_new,
                  codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
-                 DECODE: tl.constexpr, PAIR: tl.constexpr, ENCODE: tl.constexpr,
-                 ROUNDING: tl.constexpr, RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr,
-                 ALIGNED: tl.constexpr, VEC: tl.constexpr, BIG: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 DECODE: tl.constexpr, ENCODE: tl.constexpr,
+                 ROUNDING: tl.constexpr, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
+                 VEC: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
     """One program: one BLOCK-slot tile of one tensor (tensor_table.py rows, as in
-    noise_axpby_kernel). DECODE: n_old > 0 (theta from codes); PAIR: one old and one new
-    seed (z made once when they are equal)."""
+    noise_axpby_kernel). DECODE: n_old > 0 (theta from codes)."""
     DT: tl.constexpr = base_ptr.dtype.element_ty
     if DT == tl.float32:
         MAG: tl.constexpr = 0x7FFFFFFF
@@ -175,29 +175,23 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     x = load_tile(ptrs, mask, interior)
     xbits = _bits_of(x, DT)
     xf = _to_f32(xbits, DT)
+    j = row_counters(g0 >> (7 if RADEMACHER else 2), BLOCK // WIDTH, 1)
 
-    # The displacements, each from +0 in the reference's order (a zero made from x: the
-    # load's layout, see noise_axpby_kernel). +0 matters: RN(-0 - (+0)) keeps -0.
-    zero = (xbits & 0).to(tl.float32, bitcast=True)
+    # The displacements, each from +0 in the reference's order. +0 matters: RN(-0 - (+0))
+    # keeps -0. The zero is made out of x's bits so that the sums, and the noise with them,
+    # take the load's layout (see noise_axpby_kernel), in a form the compiler does not fold
+    # to a constant: from (xbits & 0), a constant, the noise took a layout of four threads to
+    # a Gaussian row, each redoing the row's Philox and Box-Muller (PTX: 15 Philox calls a
+    # thread where 4 do), and a conversion.
+    zero = ((xbits.to(tl.uint32, bitcast=True) >> 31) >> 1).to(tl.float32, bitcast=True)
     s_old = zero
     s_new = zero
-    if PAIR:
-        seed_old = tl.load(seeds_ptr)
-        seed_new = tl.load(seeds_ptr + 1)
-        z_old = _z_tile(seed_old, g0, RADEMACHER, LIBDEVICE, BLOCK)
-        if seed_new == seed_old:
-            z_new = z_old
-        else:
-            z_new = _z_tile(seed_new, g0, RADEMACHER, LIBDEVICE, BLOCK)
-        s_old = s_old + tl.load(scales_ptr + 1) * z_old
-        s_new = s_new + tl.load(scales_ptr + 2) * z_new
-    else:
-        for i in range(n_old):
-            z = _z_tile(tl.load(seeds_ptr + i), g0, RADEMACHER, LIBDEVICE, BLOCK)
-            s_old = s_old + tl.load(scales_ptr + 1 + i) * z
-        for j in range(n_new):
-            z = _z_tile(tl.load(seeds_ptr + n_old + j), g0, RADEMACHER, LIBDEVICE, BLOCK)
-            s_new = s_new + tl.load(scales_ptr + 1 + n_old + j) * z
+    for i in range(n_old):
+        z = _z_tile(tl.load(seeds_ptr + i), j, RADEMACHER)
+        s_old = s_old + tl.load(scales_ptr + 1 + i) * z
+    for i in range(n_new):
+        z = _z_tile(tl.load(seeds_ptr + n_old + i), j, RADEMACHER)
+        s_new = s_new + tl.load(scales_ptr + 1 + n_old + i) * z
 
     if DECODE:
         code = load_tile(cptrs, mask, interior).to(tl.int32)
@@ -218,7 +212,7 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     y = tl.load(scales_ptr) * theta
     y = tl.where(s_new != 0.0, y + s_new, y)  # -0 + 0 would be +0
     if ROUNDING and DT != tl.float32:
-        w = _word_tile(tl.load(seeds_ptr + n_old + n_new), g0, BLOCK, WIDTH)
+        w = _word_tile(tl.load(seeds_ptr + n_old + n_new), j, g0, BLOCK, WIDTH)
         out = _sr_bits(y, w, DT)
     else:
         out = _rn_bits(y, DT)
@@ -278,9 +272,9 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
                 exact_kernel[(tt.n_blocks,)](
                     ps[tt.base_index], tt.rows, tt.block_map, seeds, scales, n_old, n_new,
                     codes, code_base, table.chunk_base, table.bits, float(table.tau),
-                    DECODE=n_old > 0, PAIR=n_old == 1 and n_new == 1, ENCODE=bool(encode),
+                    DECODE=n_old > 0, ENCODE=bool(encode),
                     ROUNDING=bool(rounding), RADEMACHER=distribution == "rademacher",
-                    LIBDEVICE=not INTERPRETED, ALIGNED=tt.aligned,
+                    ALIGNED=tt.aligned,
                     VEC=VECTOR_BYTES // ps[0].element_size(), BIG=BIGS[ps[0].dtype],
                     BLOCK=block, num_warps=warps, enable_fp_fusion=False)
 

@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
@@ -37,9 +36,9 @@ TUNED: dict[tuple[torch.dtype, str], tuple[int, int]] = {}
 
 
 # Tiles that do not start 16-byte aligned (views into a shared buffer) take a scalar address
-# an element: at 4096 elements that is 208-255 registers and spills (ptxas, sm_90), at 2048
-# 104-153 and none.
-UNALIGNED = (2048, 8)
+# an element, and 4 elements a thread: ptxas (sm_90) gives 27-62 registers, where 8 a thread
+# take up to 128 and spill, and 16 take 208-255 and spill.
+UNALIGNED = (2048, 16)
 
 
 def config(dtype: torch.dtype, distribution: str, aligned: bool = True) -> tuple[int, int]:
@@ -73,11 +72,15 @@ def _philox4x32_10(c0, c1, k0, k1):
 
 
 @triton.jit
-def _philox_rows(k0, k1, j0, ROWS: tl.constexpr, STEP: tl.constexpr = 1):
-    """Words of counters j0, j0 + STEP, ..., j0 + (ROWS - 1) STEP (j0 int64), as [ROWS]
-    vectors."""
-    j = j0 + tl.arange(0, ROWS).to(tl.int64) * STEP
+def _philox(j, k0, k1):
+    """Philox4x32-10 words of the int64 counters j under the key (k0, k1)."""
     return _philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), k0, k1)
+
+
+@triton.jit
+def row_counters(j0, ROWS: tl.constexpr, STEP: tl.constexpr):
+    """j0, j0 + STEP, ..., j0 + (ROWS - 1) STEP (j0 int64): the counters of a tile's rows."""
+    return j0 + tl.arange(0, ROWS).to(tl.int64) * STEP
 
 
 @triton.jit
@@ -87,55 +90,89 @@ def _uniform(w):
 
 
 @triton.jit
-def _box_muller(wr, wt, LIBDEVICE: tl.constexpr):
-    ur = _uniform(wr)
-    ut = _uniform(wt)
-    # Precise functions only (NOISE.md). libdevice's cospi/sinpi(2u) are the CUDA backend's
-    # sincospif; the interpreter has no libdevice and takes numpy's float32 log/cos/sin.
-    if LIBDEVICE:
-        r = tl.sqrt_rn(-2.0 * libdevice.log(ur))
-        c = libdevice.cospi(2.0 * ut)
-        s = libdevice.sinpi(2.0 * ut)
-    else:
-        r = tl.sqrt_rn(-2.0 * tl.log(ur))
-        c = tl.cos(6.283185307179586 * ut)
-        s = tl.sin(6.283185307179586 * ut)
+def _log(x):
+    """ln x for normal positive float32 x: csrc/zo_noise.h's host_logf (Cephes logf, mantissa
+    reduced to [sqrt(1/2), sqrt(2)) on the bits, degree-9 polynomial; a few ulp)."""
+    t = x.to(tl.uint32, bitcast=True) + (0x00800000 - 0x003504F4)
+    e = (t >> 23).to(tl.int32) - 127
+    f = ((t & 0x007FFFFF) + 0x3F3504F4).to(tl.float32, bitcast=True) - 1.0
+    z = f * f
+    y = 7.0376836292e-2 * f - 1.1514610310e-1
+    y = y * f + 1.1676998740e-1
+    y = y * f - 1.2420140846e-1
+    y = y * f + 1.4249322787e-1
+    y = y * f - 1.6668057665e-1
+    y = y * f + 2.0000714765e-1
+    y = y * f - 2.4999993993e-1
+    y = y * f + 3.3333331174e-1
+    y = y * f * z
+    fe = e.to(tl.float32)
+    y += -2.12194440e-4 * fe
+    y += -0.5 * z
+    return (f + y) + 0.693359375 * fe
+
+
+@triton.jit
+def _cos_sin_2pi(w):
+    """cos and sin of 2 pi u, u = _uniform(w): csrc/zo_noise.h's host_sincos2pi_word (the
+    quarter turn found exactly on the bits, Cephes polynomials on [-pi/4, pi/4])."""
+    m = w >> 9
+    k = (m + (1 << 20)) >> 21  # round(4u), 0..4
+    d = m.to(tl.int32) - (k << 21).to(tl.int32)
+    a = 6.283185307179586 * ((d.to(tl.float32) + 0.5) * 1.1920928955078125e-07)
+    a2 = a * a
+    s = a + a * a2 * (-1.6666654611e-1 + a2 * (8.3321608736e-3 + a2 * -1.9515295891e-4))
+    c = 1.0 - 0.5 * a2 + a2 * a2 * (4.166664568298827e-2
+                                    + a2 * (-1.388731625493765e-3 + a2 * 2.443315711809948e-5))
+    swap = (k & 1) != 0
+    c_sign = ((k + 1) & 2) << 30  # quadrants 1, 2
+    s_sign = (k & 2) << 30  # quadrants 2, 3
+    cos = (tl.where(swap, s, c).to(tl.uint32, bitcast=True) ^ c_sign).to(tl.float32, bitcast=True)
+    sin = (tl.where(swap, c, s).to(tl.uint32, bitcast=True) ^ s_sign).to(tl.float32, bitcast=True)
+    return cos, sin
+
+
+@triton.jit
+def _box_muller(wr, wt):
+    # The CPU backend's branch-free polynomials (|z - z_ref| < 1e-6 over all 2^23 uniforms),
+    # not fast-math approximations: one formula for the GPU and the interpreter, so the tests
+    # here run what the GPU runs, and cheaper than libdevice's log, sinpi and cospi.
+    r = tl.sqrt_rn(-2.0 * _log(_uniform(wr)))
+    c, s = _cos_sin_2pi(wt)
     return r * c, r * s
 
 
 @triton.jit
-def _gaussian_tile(k0, k1, g0, BLOCK: tl.constexpr, WIDTH: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 4 == 0) as a [BLOCK/WIDTH, WIDTH] tile,
-    WIDTH 4 or 8: a row takes WIDTH/4 whole Philox calls (four Box-Muller normals each), so a
+def _gaussian_tile(k0, k1, j, WIDTH: tl.constexpr):
+    """z as a [R, WIDTH] tile (WIDTH 4 or 8) whose row r holds global indices 4 j[r] ..
+    4 j[r] + WIDTH - 1: WIDTH/4 whole Philox calls (four Box-Muller normals each), so that a
     16-byte vector of a 16-bit type is one row and loads as one."""
-    z = _gaussian_quads(k0, k1, g0 >> 2, BLOCK, WIDTH, 0, LIBDEVICE)
+    z = _gaussian_quads(k0, k1, j, WIDTH)
     if WIDTH == 8:
         lane = tl.arange(0, WIDTH)[None, :]
-        z = tl.where(lane < 4, z, _gaussian_quads(k0, k1, g0 >> 2, BLOCK, WIDTH, 1, LIBDEVICE))
+        z = tl.where(lane < 4, z, _gaussian_quads(k0, k1, j + 1, WIDTH))
     return z
 
 
 @triton.jit
-def _gaussian_quads(k0, k1, j0, BLOCK: tl.constexpr, WIDTH: tl.constexpr, PART: tl.constexpr,
-                    LIBDEVICE: tl.constexpr):
-    """Counters j0 + r*WIDTH/4 + PART of the rows r of a [BLOCK/WIDTH, WIDTH] tile, as that
-    tile: lane l of a row holds word l & 3 of its counter's normals."""
-    w0, w1, w2, w3 = _philox_rows(k0, k1, j0 + PART, BLOCK // WIDTH, WIDTH // 4)
-    z0, z1 = _box_muller(w0, w1, LIBDEVICE)
-    z2, z3 = _box_muller(w2, w3, LIBDEVICE)
+def _gaussian_quads(k0, k1, j, WIDTH: tl.constexpr):
+    """The normals of counters j as a [R, WIDTH] tile: lane l of row r holds word l & 3."""
+    w0, w1, w2, w3 = _philox(j, k0, k1)
+    z0, z1 = _box_muller(w0, w1)
+    z2, z3 = _box_muller(w2, w3)
     lane = tl.arange(0, WIDTH)[None, :] & 3
     return tl.where(lane < 2, tl.where(lane == 0, z0[:, None], z1[:, None]),
                     tl.where(lane == 2, z2[:, None], z3[:, None]))
 
 
 @triton.jit
-def _rademacher_tile(k0, k1, g0, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-    """z at global indices g0 .. g0 + BLOCK - 1 (g0 % 128 == 0): bit b of a 128-element row is
-    bit (b & 31) of its counter's word b >> 5. SPLIT 1: a [BLOCK/128, 128] tile. SPLIT > 1:
-    [SPLIT, BLOCK/128, 128/SPLIT], where element (v, r, c) is bit v*128/SPLIT + c of row r; a
-    thread then holds the slices v of one row (see LANES) and makes one Philox call where it
-    would make one per slice."""
-    w0, w1, w2, w3 = _philox_rows(k0, k1, g0 >> 7, BLOCK // 128)
+def _rademacher_tile(k0, k1, j, SPLIT: tl.constexpr):
+    """z of the 128-element rows with counters j (row r: global indices 128 j[r] ..): bit b
+    of a row is bit (b & 31) of its counter's word b >> 5. SPLIT 1: a [R, 128] tile.
+    SPLIT > 1: [SPLIT, R, 128/SPLIT], where element (v, r, c) is bit v*128/SPLIT + c of row
+    r; a thread then holds the slices v of one row (see LANES) and makes one Philox call
+    where it would make one per slice."""
+    w0, w1, w2, w3 = _philox(j, k0, k1)
     if SPLIT == 1:
         b = tl.arange(0, 128)[None, :]
         w0, w1, w2, w3 = w0[:, None], w1[:, None], w2[:, None], w3[:, None]
@@ -211,7 +248,7 @@ def store_tile(ptrs, values, mask, interior):
 
 @triton.jit
 def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
-                       RADEMACHER: tl.constexpr, LIBDEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+                       RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
                        VEC: tl.constexpr, BLOCK: tl.constexpr):
     """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows)."""
     if RADEMACHER:
@@ -233,22 +270,26 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     # gets a layout that spreads a row over threads that each redo the row's Philox.
     # (+-0 + s == s exactly for s != 0; only the sign of an all-zero result can differ.)
     acc = (x.to(tl.uint32, bitcast=True) & 0x80000000).to(tl.float32, bitcast=True)
+    if RADEMACHER:
+        j = row_counters(g0 >> 7, BLOCK // 128, 1)
+    else:
+        j = row_counters(g0 >> 2, BLOCK // WIDTH, WIDTH // 4)
     for i in range(n_seeds):
         seed = tl.load(seeds_ptr + i)  # uint64 stored as int64
         k0 = seed.to(tl.uint32)
         k1 = (seed >> 32).to(tl.uint32)
         c = tl.load(scales_ptr + 1 + i)
         if RADEMACHER:
-            acc += c * _rademacher_tile(k0, k1, g0, BLOCK, SPLIT)
+            acc += c * _rademacher_tile(k0, k1, j, SPLIT)
         else:
-            acc += c * _gaussian_tile(k0, k1, g0, BLOCK, WIDTH, LIBDEVICE)
+            acc += c * _gaussian_tile(k0, k1, j, WIDTH)
     out = _round_to(tl.load(scales_ptr) * x + acc, base_ptr.dtype.element_ty)
 
     store_tile(ptrs, out, mask, interior)
 
 
 # The interpreter (TRITON_INTERPRET=1 before triton's import) makes plain Python of the
-# kernel; it cannot call libdevice and runs on CPU tensors.
+# kernel, and runs it on CPU tensors.
 INTERPRETED = not isinstance(noise_axpby_kernel, triton.runtime.JITFunction)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -308,5 +349,5 @@ def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int
     with device_of(params):
         noise_axpby_kernel[(table.n_blocks,)](
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
-            RADEMACHER=rademacher, LIBDEVICE=not INTERPRETED, ALIGNED=table.aligned,
+            RADEMACHER=rademacher, ALIGNED=table.aligned,
             VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=block, num_warps=warps)
