@@ -6,6 +6,8 @@ on a GPU they run compiled, and the `gpu` tests repeat the checks at full size.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from zo_opt import functional, noise
 from zo_opt.backends import BACKENDS, resolve
@@ -97,6 +99,30 @@ def test_offsets_example(kat):
     triton_pass(params, [5], [0.0, 1.0], "rademacher")
     for p, ref in zip(params, noise.direction(ex["numels"], 5, "rademacher")):
         assert torch.equal(p.cpu(), ref)
+
+
+@triton.jit
+def _box_muller_of_words(words_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(words_ptr + offs).to(tl.uint32, bitcast=True)
+    z0, z1 = kernels._box_muller(w, w)
+    tl.store(out_ptr + 2 * offs, z0)
+    tl.store(out_ptr + 2 * offs + 1, z1)
+
+
+def test_box_muller_on_every_uniform():
+    """The kernels' float32 log and cos/sin of 2 pi u (polynomials, not libdevice) on all 2^23
+    uniforms u = (m + 1/2) 2^-23 that NOISE.md can draw: r cos and r sin within the
+    contract's 2e-5 of the same formula in float64, everywhere (the tails included)."""
+    m = torch.arange(2**23, dtype=torch.int64)
+    words = (m << 9).to(torch.int32).to(device_for_kernels())  # uint32 bits, wrapped
+    out = torch.empty(2 * m.numel(), device=words.device)
+    block = 2**16
+    _box_muller_of_words[(m.numel() // block,)](words, out, BLOCK=block)
+    u = (m.double() + 0.5) * 2.0**-23
+    r, t = torch.sqrt(-2 * torch.log(u)), 2 * torch.pi * u
+    err = (out.cpu().double().view(-1, 2) - torch.stack([r * torch.cos(t), r * torch.sin(t)], 1)).abs()
+    assert err.max() <= GAUSSIAN_TOL, (err.max(), m[err.max(1).values.argmax()])
 
 
 @pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
