@@ -6,9 +6,12 @@
 //   gaussian4(seed, j)                z at global indices 4j .. 4j+3 (Box-Muller, float32)
 //   rademacher_words(seed, j)         128 sign bits for global indices 128j .. 128j+127
 //
-// The host build uses branch-free polynomial log and sincos (a few ulp, far inside the
-// contract's 2e-5) so that the CPU loops vectorize; device code uses CUDA's precise logf and
-// sincospif. Neither is a fast-math approximation.
+// The host build uses branch-free polynomial log and sincos (a few ulp; z within 1e-6 of the
+// float64 formula over every uniform, far inside the contract's 2e-5) so that the CPU loops
+// vectorize; the Triton kernels use the same polynomials. CUDA device code uses CUDA's
+// precise logf and sincospif: with the polynomial sincos the Gaussian pass kernel needs more
+// registers than its 3-blocks-an-SM cap (ptxas sm_90: 256-320 spill bytes). Neither is a
+// fast-math approximation.
 #pragma once
 
 #include <cstdint>
@@ -118,27 +121,10 @@ ZO_HD float host_logf(float x) {
   return (f + y) + 0.693359375f * fe;
 }
 
-// cos(2 pi u), sin(2 pi u) for u in [0, 1]: exact reduction to an octant in u, Cephes
-// polynomials on [-pi/4, pi/4], then a quarter-turn rotation.
-ZO_HD void host_sincos2pi(float u, float* c_out, float* s_out) {
-  // quarter turns, round(4u) for u in (0, 1); truncation of a positive value is floor
-  const float k = static_cast<float>(static_cast<int>(4.0f * u + 0.5f));
-  const float a = 6.28318530717958647692f * (u - 0.25f * k);
-  const float a2 = a * a;
-  const float s = a + a * a2 * (-1.6666654611e-1f + a2 * (8.3321608736e-3f + a2 * -1.9515295891e-4f));
-  const float c = 1.0f - 0.5f * a2 +
-                  a2 * a2 * (4.166664568298827e-2f + a2 * (-1.388731625493765e-3f + a2 * 2.443315711809948e-5f));
-  const int q = static_cast<int>(k) & 3;
-  const float cq = (q == 0) ? c : (q == 1) ? -s : (q == 2) ? -c : s;
-  const float sq = (q == 0) ? s : (q == 1) ? c : (q == 2) ? -s : -c;
-  *c_out = cq;
-  *s_out = sq;
-}
-
-// host_sincos2pi(uniform_open01(w)) computed from the word itself: with m = w >> 9,
-// u = (m + 0.5) 2^-23, round(4u) = (m + 2^20) >> 21 and u - k/4 = (m - k 2^21 + 0.5) 2^-23,
-// all exact, so the same floats as host_sincos2pi; the quadrant is applied by a swap and
-// sign bits.
+// cos(2 pi u), sin(2 pi u) for u = uniform_open01(w), from the word itself: with m = w >> 9,
+// u = (m + 0.5) 2^-23, the nearest quarter turn k = round(4u) = (m + 2^20) >> 21 and the rest
+// u - k/4 = (m - k 2^21 + 0.5) 2^-23 are exact; Cephes polynomials on [-pi/4, pi/4], then the
+// quadrant by a swap and sign bits.
 ZO_HD void host_sincos2pi_word(uint32_t w, float* c_out, float* s_out) {
   const uint32_t m = w >> 9;
   const uint32_t k = (m + (1u << 20)) >> 21;
