@@ -190,9 +190,9 @@ def test_exact_kernel_compiles_for_sm90(compile_reports):
         if r["registers"] is not None:  # ptxas: the middle passes (2q - 1 a step) fit two
             # 256-thread blocks an SM, the others one without the 255-register cap's spills
             assert r["registers"] <= (128 if r["variant"] == "restore_perturb" else 192), r
-        # a Philox call per 4 elements a thread holds (at most) in each tile of words: z of
-        # the old seed and/or of the new seed, and the rounding words (Gaussian-shaped)
-        tiles = {"first": 1, "restore_perturb": 2, "update_sr": 3}[r["variant"]]
+        # a Philox call per 4 elements a thread holds (at most) in each tile of words the
+        # code makes: z of the old seeds, of the new seeds, and the rounding words
+        tiles = {"first": 2, "restore_perturb": 2, "update_sr": 3}[r["variant"]]
         assert r["mul_hi"] <= 20 * tiles * per_thread // 4, r
         if r["aligned"]:
             assert {"ld.global.v2.b32", "ld.global.v4.b32"} & set(r["loads"]), r

@@ -186,12 +186,19 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     zero = ((xbits.to(tl.uint32, bitcast=True) >> 31) >> 1).to(tl.float32, bitcast=True)
     s_old = zero
     s_new = zero
+    # The -2 eps z pass of a central step (one seed, old scale c, new scale -c) makes z once:
+    # s_new = RN(+0 - s_old) is then what +0 + (-c) z rounds to. A loop with a runtime trip
+    # count, where a branch would do: what a branch yields gets a layout of its own (see zero).
+    pair = (n_old == 1) & (n_new == 1)
+    flip = (pair & (tl.load(seeds_ptr, mask=pair) == tl.load(seeds_ptr + 1, mask=pair))
+            & (tl.load(scales_ptr + 2, mask=pair) == -tl.load(scales_ptr + 1, mask=pair)))
     for i in range(n_old):
         z = _z_tile(tl.load(seeds_ptr + i), j, RADEMACHER)
         s_old = s_old + tl.load(scales_ptr + 1 + i) * z
-    for i in range(n_new):
+    for i in range(flip.to(tl.int32), n_new):
         z = _z_tile(tl.load(seeds_ptr + n_old + i), j, RADEMACHER)
         s_new = s_new + tl.load(scales_ptr + 1 + n_old + i) * z
+    s_new = tl.where(flip, zero - s_old, s_new)
 
     if DECODE:
         code = load_tile(cptrs, mask, interior).to(tl.int32)
