@@ -113,7 +113,8 @@ def _box_muller_of_words(words_ptr, out_ptr, BLOCK: tl.constexpr):
 def test_box_muller_on_every_uniform():
     """The kernels' float32 log and cos/sin of 2 pi u (polynomials, not libdevice) on all 2^23
     uniforms u = (m + 1/2) 2^-23 that NOISE.md can draw: r cos and r sin within the
-    contract's 2e-5 of the same formula in float64, everywhere (the tails included)."""
+    contract's 2e-5 of the same formula in float64, everywhere (the tails included). On a
+    GPU too (test_gpu_box_muller_on_every_uniform), where the compiler contracts to fma."""
     m = torch.arange(2**23, dtype=torch.int64)
     words = (m << 9).to(torch.int32).to(device_for_kernels())  # uint32 bits, wrapped
     out = torch.empty(2 * m.numel(), device=words.device)
@@ -283,6 +284,12 @@ def test_aligned_tiles_make_no_philox_call_twice(compile_reports):
 needs_compiled = pytest.mark.skipif(kernels.INTERPRETED,
                                     reason="the interpreter is on: unset TRITON_INTERPRET")
 GPU_SIZES = (1, 127, 129, 768, 3 * 768 * 768 + 5, 1 << 22)
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_box_muller_on_every_uniform():
+    test_box_muller_on_every_uniform()
 
 
 @pytest.mark.gpu
