@@ -128,6 +128,29 @@ def test_stochastic_rounding_without_old_seeds(dtype):
     pair.check("sr update")
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("distribution", DISTS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_stochastic_rounding_words_in_every_tile(dtype, distribution, aligned):
+    """Stochastic rounding alone (theta <- SR(0.999 theta), no direction), so bit for bit the
+    reference's in every tile shape: Gaussian tiles of 16-byte aligned 16-bit tensors take a
+    row's words from two Philox calls (8-element rows), unaligned ones from one (4-element
+    rows), Rademacher tiles reshape theirs."""
+    sizes = (2049, 4100, 300)
+    made = make_params(sizes, [dtype] * 3, seed=8)
+    if aligned:
+        params = made
+    else:  # views into one buffer at odd element offsets
+        buf = torch.zeros(sum(sizes) + 3, dtype=dtype, device=device())
+        params = [buf[at:at + n].copy_(p) for p, n, at in zip(made, sizes, (1, 2050, 6150))]
+    nearest = [(0.999 * p.float()).to(dtype) for p in params]
+    pair = Pair(params, noise.offsets(sizes), distribution)
+    pair.new_table()
+    pair.step([], [0.999], 0, False, rounding_seed=2**64 - 5)
+    assert all(same_bits(a, b) for a, b in zip(pair.k, pair.r))
+    assert not any(same_bits(a, b) for a, b in zip(pair.k, nearest))  # the words moved some
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_gaussian_stochastic_rounding_close(dtype):
     sizes = (257,)
@@ -179,7 +202,7 @@ def test_prepared_list_uses_the_kernel():
 def test_exact_kernel_compiles_for_sm90(compile_reports):
     """triton.compile for sm_90 without a GPU. No approximate math; with
     enable_fp_fusion=False no fma at all (the noise is the reference's roundings); aligned
-    tiles use the vector loads and stores the plain kernel does; registers within bounds;
+    tiles use the 16-byte loads and stores the plain kernel does; registers within bounds;
     and no Philox call made twice (see test_aligned_tiles_make_no_philox_call_twice)."""
     reports = compile_reports("exact")
     assert len(reports) == 10
@@ -194,9 +217,8 @@ def test_exact_kernel_compiles_for_sm90(compile_reports):
         # code makes: z of the old seeds, of the new seeds, and the rounding words
         tiles = {"first": 2, "restore_perturb": 2, "update_sr": 3}[r["variant"]]
         assert r["mul_hi"] <= 20 * tiles * per_thread // 4, r
-        if r["aligned"]:
-            assert {"ld.global.v2.b32", "ld.global.v4.b32"} & set(r["loads"]), r
-            assert {"st.global.v2.b32", "st.global.v4.b32"} & set(r["stores"]), r
+        if r["aligned"]:  # 16-byte vectors of parameters for every dtype
+            assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], r
 
 
 # --- on a GPU ------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, INTERPRETED, _gaussian_tile, _philox, _rademacher_tile,
-                          load_tile, row_counters, store_tile, tile)
+from .noise_axpby import (DTYPES, INTERPRETED, _rademacher_tile, load_tile, quad_tile,
+                          row_counters, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
@@ -113,30 +113,27 @@ def special(theta, tau, BIG: tl.constexpr):
 
 
 @triton.jit
-def _z_tile(seed, j, RADEMACHER: tl.constexpr):
+def _z_tile(seed, j, RADEMACHER: tl.constexpr, WIDTH: tl.constexpr):
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     if RADEMACHER:
         return _rademacher_tile(k0, k1, j, 1)
     else:
-        return _gaussian_tile(k0, k1, j, 4)
+        return quad_tile(k0, k1, j, WIDTH, True)
 
 
 @triton.jit
 def _word_tile(seed, j, g0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
     """The rounding word of each element: word g & 3 of Philox(seed, g >> 2), in the tile's
-    layout (j: the rows' Gaussian counters in [BLOCK/4, 4] tiles; a Rademacher tile's words
-    are made as [BLOCK/4, 4] and reshaped to [BLOCK/128, 128])."""
-    if WIDTH != 4:
-        j = row_counters(g0 >> 2, BLOCK // 4, 1)
-    w0, w1, w2, w3 = _philox(j, seed.to(tl.uint32), (seed >> 32).to(tl.uint32))
-    lane = tl.arange(0, 4)[None, :]
-    w = tl.where(lane < 2, tl.where(lane == 0, w0[:, None], w1[:, None]),
-                 tl.where(lane == 2, w2[:, None], w3[:, None]))
-    if WIDTH == 4:
-        return w
-    else:
+    layout (j: the rows' counters of a Gaussian tile; a Rademacher tile's words are made as
+    [BLOCK/4, 4] and reshaped to [BLOCK/128, 128])."""
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    if WIDTH == 128:
+        w = quad_tile(k0, k1, row_counters(g0 >> 2, BLOCK // 4, 1), 4, False)
         return tl.reshape(w, (BLOCK // WIDTH, WIDTH))
+    else:
+        return quad_tile(k0, k1, j, WIDTH, False)
 
 
 @triton.jit
@@ -166,6 +163,8 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
         MAG: tl.constexpr = 0x7FFF
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
+    elif ALIGNED:
+        WIDTH: tl.constexpr = VEC  # a 16-byte vector a row, as in noise_axpby_kernel
     else:
         WIDTH: tl.constexpr = 4
     ptrs, idx, mask, interior, g0, _ = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH, ALIGNED,
@@ -175,7 +174,10 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     x = load_tile(ptrs, mask, interior)
     xbits = _bits_of(x, DT)
     xf = _to_f32(xbits, DT)
-    j = row_counters(g0 >> (7 if RADEMACHER else 2), BLOCK // WIDTH, 1)
+    if RADEMACHER:
+        j = row_counters(g0 >> 7, BLOCK // WIDTH, 1)
+    else:
+        j = row_counters(g0 >> 2, BLOCK // WIDTH, WIDTH // 4)
 
     # The displacements, each from +0 in the reference's order. +0 matters: RN(-0 - (+0))
     # keeps -0. The zero is made out of x's bits so that the sums, and the noise with them,
@@ -193,10 +195,10 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     flip = (pair & (tl.load(seeds_ptr, mask=pair) == tl.load(seeds_ptr + 1, mask=pair))
             & (tl.load(scales_ptr + 2, mask=pair) == -tl.load(scales_ptr + 1, mask=pair)))
     for i in range(n_old):
-        z = _z_tile(tl.load(seeds_ptr + i), j, RADEMACHER)
+        z = _z_tile(tl.load(seeds_ptr + i), j, RADEMACHER, WIDTH)
         s_old = s_old + tl.load(scales_ptr + 1 + i) * z
     for i in range(flip.to(tl.int32), n_new):
-        z = _z_tile(tl.load(seeds_ptr + n_old + i), j, RADEMACHER)
+        z = _z_tile(tl.load(seeds_ptr + n_old + i), j, RADEMACHER, WIDTH)
         s_new = s_new + tl.load(scales_ptr + 1 + n_old + i) * z
     s_new = tl.where(flip, zero - s_old, s_new)
 

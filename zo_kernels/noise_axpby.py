@@ -143,26 +143,28 @@ def _box_muller(wr, wt):
 
 
 @triton.jit
-def _gaussian_tile(k0, k1, j, WIDTH: tl.constexpr):
-    """z as a [R, WIDTH] tile (WIDTH 4 or 8) whose row r holds global indices 4 j[r] ..
-    4 j[r] + WIDTH - 1: WIDTH/4 whole Philox calls (four Box-Muller normals each), so that a
+def quad_tile(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr):
+    """A [R, WIDTH] tile (WIDTH 4 or 8) whose row r holds global indices 4 j[r] ..
+    4 j[r] + WIDTH - 1: Gaussian z (NORMALS), or Philox's raw words (word g & 3 of counter
+    g >> 2: the stochastic-rounding words). A row takes WIDTH/4 whole Philox calls, so that a
     16-byte vector of a 16-bit type is one row and loads as one."""
-    z = _gaussian_quads(k0, k1, j, WIDTH)
+    t = _quads(k0, k1, j, WIDTH, NORMALS)
     if WIDTH == 8:
-        lane = tl.arange(0, WIDTH)[None, :]
-        z = tl.where(lane < 4, z, _gaussian_quads(k0, k1, j + 1, WIDTH))
-    return z
+        t = tl.where(tl.arange(0, WIDTH)[None, :] < 4, t, _quads(k0, k1, j + 1, WIDTH, NORMALS))
+    return t
 
 
 @triton.jit
-def _gaussian_quads(k0, k1, j, WIDTH: tl.constexpr):
-    """The normals of counters j as a [R, WIDTH] tile: lane l of row r holds word l & 3."""
+def _quads(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr):
+    """The words (or normals) of counters j as a [R, WIDTH] tile: lane l of row r holds
+    word l & 3."""
     w0, w1, w2, w3 = _philox(j, k0, k1)
-    z0, z1 = _box_muller(w0, w1)
-    z2, z3 = _box_muller(w2, w3)
+    if NORMALS:
+        w0, w1 = _box_muller(w0, w1)
+        w2, w3 = _box_muller(w2, w3)
     lane = tl.arange(0, WIDTH)[None, :] & 3
-    return tl.where(lane < 2, tl.where(lane == 0, z0[:, None], z1[:, None]),
-                    tl.where(lane == 2, z2[:, None], z3[:, None]))
+    return tl.where(lane < 2, tl.where(lane == 0, w0[:, None], w1[:, None]),
+                    tl.where(lane == 2, w2[:, None], w3[:, None]))
 
 
 @triton.jit
@@ -282,7 +284,7 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
         if RADEMACHER:
             acc += c * _rademacher_tile(k0, k1, j, SPLIT)
         else:
-            acc += c * _gaussian_tile(k0, k1, j, WIDTH)
+            acc += c * quad_tile(k0, k1, j, WIDTH, True)
     out = _round_to(tl.load(scales_ptr) * x + acc, base_ptr.dtype.element_ty)
 
     store_tile(ptrs, out, mask, interior)
