@@ -63,6 +63,20 @@ def test_replaced_storage_between_steps_is_followed(backend):
     assert not torch.equal(model.weight, before)  # the new one was
 
 
+def test_a_param_group_added_between_steps_is_stepped():
+    """The step's layout (groups, offsets, prepared lists) is kept while nothing changes; a
+    group added between steps changes it, and the next step moves the new params too."""
+    a, b = torch.zeros(10), torch.zeros(7)
+    loss = lambda: (a - 1).square().sum() + (b - 1).square().sum()  # noqa: E731
+    opt = ZOOptimizer([a], lr=0.05, q=2, seed=4)
+    opt.step(loss)
+    opt.step(loss)
+    opt.add_param_group({"params": [b]})
+    opt.step(loss)
+    assert not torch.equal(b, torch.zeros(7))
+    assert opt.last_record is not None and len(opt._step_groups) == 2
+
+
 def test_prepared_matches_only_the_same_storages():
     params = [torch.zeros(5), torch.empty(0), torch.zeros(3)]
     plan = zo_opt.functional.Prepared(params, backend="torch")

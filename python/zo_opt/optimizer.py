@@ -204,6 +204,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self.last_record: StepRecord | None = None
         self._plans: dict[tuple[str, int], Prepared] = {}
+        self._layout = None  # (key, groups, devices): see _groups
         self._constants: dict[tuple, torch.Tensor] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults)
@@ -252,19 +253,26 @@ class ZOOptimizer(torch.optim.Optimizer):
             plan = self._plans[(kind, k)] = Prepared(tensors, backend=self.backend, offsets=offsets)
         return plan
 
-    def _groups(self):
-        """(k, group, params, offsets, prepared) per group; offsets are global over all
-        groups. Taken once per step (``self._step_groups``): the passes reuse it, so a pass
-        does no work per tensor on the host."""
+    def _groups(self) -> tuple[list, set]:
+        """(k, group, params, offsets, prepared) per group (offsets global over all groups),
+        and the params' devices. Taken once per step (``self._step_groups``): the passes reuse
+        it, so a pass does no work per tensor on the host. Made again only when the layout
+        changed: a param moved (``p.data = ...``), changed size, dtype or device, or the
+        groups changed; checking that is the one walk over the params a step makes."""
         params = self._params()
-        offsets = noise.offsets([p.numel() for p in params])
-        start = 0
-        for k, group in enumerate(self.param_groups):
-            n = len(group["params"])
-            ps, offs = params[start:start + n], offsets[start:start + n]
-            start += n
-            if ps:
-                yield k, group, ps, offs, self._plan("params", k, ps, offs)
+        key = (tuple(len(g["params"]) for g in self.param_groups), Prepared.layout(params))
+        if self._layout is None or self._layout[0] != key:
+            offsets = noise.offsets([p.numel() for p in params])
+            groups, start = [], 0
+            for k, group in enumerate(self.param_groups):
+                n = len(group["params"])
+                ps, offs = params[start:start + n], offsets[start:start + n]
+                start += n
+                if ps:
+                    groups.append((k, ps, offs, self._plan("params", k, ps, offs)))
+            self._layout = (key, groups, {p.device for p in params})
+        _, groups, devices = self._layout
+        return [(k, self.param_groups[k], ps, offs, plan) for k, ps, offs, plan in groups], devices
 
     def _constant(self, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
         """A float32 vector of constants on ``device``, uploaded once (not during a capture)."""
@@ -409,10 +417,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(bufs, ps, alpha=wd)
             torch._foreach_add_(ps, bufs, alpha=-lr)
 
-    def _step_seeds(self) -> list[int] | torch.Tensor:
+    def _step_seeds(self, devices: set) -> list[int] | torch.Tensor:
         """This step's direction seeds, and ``self._seeds``: them (then the rounding seed,
-        with stochastic rounding) on each params device."""
-        devices = {p.device for p in self._params()}
+        with stochastic rounding) on each of the params' ``devices``."""
         rounding = self.stochastic_rounding
         if self.capturable:
             seeds = noise.direction_seeds(self.base_seed, self._step_t, self.q, rounding=rounding)
@@ -430,8 +437,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                             "opt.step(lambda: loss_fn(model(x), y)); ZO estimates the gradient "
                             "from loss evaluations, it cannot use .grad")
         self._pass_index = _takes_index(closure)
-        seeds = self._step_seeds()
-        self._step_groups = list(self._groups())
+        self._step_groups, devices = self._groups()
+        seeds = self._step_seeds(devices)
         self._displacement = None
         if self.exact:
             self._begin_exact()
