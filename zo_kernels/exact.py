@@ -168,7 +168,7 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     else:
         WIDTH: tl.constexpr = 4
     ptrs, idx, mask, interior, g0, _ = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH, ALIGNED,
-                                            VEC, BLOCK)
+                                            VEC, BLOCK, 1)
     pos0 = tl.multiple_of(g0 - code_base, CHUNK_C)  # the tile's first code (128-aligned)
     cptrs = codes_ptr + pos0 + idx
     x = load_tile(ptrs, mask, interior)

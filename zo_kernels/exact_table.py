@@ -29,7 +29,7 @@ def _chunk_tile(base_ptr, rows_ptr, block_map_ptr, code_base, tau, BIG: tl.const
     table chunk and whether the row holds any of the tensor's elements (a row past the
     tensor's end may be the next tensor's chunk: it must not be written)."""
     ptrs, _, mask, interior, g0, left = tile(base_ptr, rows_ptr, block_map_ptr, 128, ALIGNED,
-                                             VEC, BLOCK)
+                                             VEC, BLOCK, 1)
     x = load_tile(ptrs, mask, interior)
     found = special(x.to(tl.float32), tau, BIG) & mask
     r = tl.arange(0, BLOCK // 128)

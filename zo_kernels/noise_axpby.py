@@ -202,7 +202,7 @@ def _round_to(y, dtype: tl.constexpr):
 
 @triton.jit
 def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr,
-         VEC: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr = 1):
+         VEC: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """This program's tile of one tensor (tensor_table.py rows) as [BLOCK/WIDTH, WIDTH] slots,
     or with SPLIT > 1 as [SPLIT, BLOCK/WIDTH, WIDTH/SPLIT] (slot (v, r, c) is slot
     r*WIDTH + v*WIDTH/SPLIT + c): (pointers, slot indices in the tile, which slots hold the
