@@ -180,11 +180,11 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
         j = row_counters(g0 >> 2, BLOCK // WIDTH, WIDTH // 4)
 
     # The displacements, each from +0 in the reference's order. +0 matters: RN(-0 - (+0))
-    # keeps -0. The zero is made out of x's bits so that the sums, and the noise with them,
-    # take the load's layout (see noise_axpby_kernel), in a form the compiler does not fold
-    # to a constant: from (xbits & 0), a constant, the noise took a layout of four threads to
-    # a Gaussian row, each redoing the row's Philox and Box-Muller (PTX: 15 Philox calls a
-    # thread where 4 do), and a conversion.
+    # keeps -0. The zero is made out of x's bits, in a form the compiler does not fold to a
+    # constant, so that the sums, and the noise with them, take the load's layout (see
+    # noise_axpby_kernel). With (xbits & 0), a constant, and Box-Muller as plain arithmetic,
+    # the layout pass gave the noise a layout of four threads to a Gaussian row, each redoing
+    # the row's Philox and Box-Muller (PTX: 15 Philox calls a thread where 4 do).
     zero = ((xbits.to(tl.uint32, bitcast=True) >> 31) >> 1).to(tl.float32, bitcast=True)
     s_old = zero
     s_new = zero
