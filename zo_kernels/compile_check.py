@@ -72,14 +72,21 @@ def summary(compiled) -> dict:
             **registers(ptx)}
 
 
-def _ptxas() -> str | None:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return str(bundled) if bundled.is_file() else shutil.which("ptxas")
+def _ptxas(arch: int) -> str | None:
+    """The ptxas Triton itself runs for ``arch`` (3.9 takes a newer one than bin/ptxas for
+    sm_90, to match the PTX version it writes), else the bundled one, else the PATH's."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, RuntimeError):
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+        return str(bundled) if bundled.is_file() else shutil.which("ptxas")
 
 
 def registers(ptx: str) -> dict:
     """``ptxas -v`` on the PTX for its own target: registers a thread, spill-store bytes."""
-    ptxas, target = _ptxas(), re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    target = re.search(r"^\.target\s+(sm_(\d+)\w*)", ptx, re.M)
+    ptxas = _ptxas(int(target.group(2))) if target else None
     if ptxas is None or target is None:
         return {"registers": None, "spill_bytes": None}
     with tempfile.TemporaryDirectory() as tmp:

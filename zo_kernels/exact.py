@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, INTERPRETED, _rademacher_tile, load_tile, quad_tile,
-                          row_counters, store_tile, tile)
+from .noise_axpby import (DTYPES, INTERPRETED, _philox, _rademacher_tile, load_tile,
+                          quad_tile, row_counters, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
@@ -123,15 +123,17 @@ def _z_tile(seed, j, RADEMACHER: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _word_tile(seed, j, g0, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+def _word_tile(seed, j, WIDTH: tl.constexpr):
     """The rounding word of each element: word g & 3 of Philox(seed, g >> 2), in the tile's
-    layout (j: the rows' counters of a Gaussian tile; a Rademacher tile's words are made as
-    [BLOCK/4, 4] and reshaped to [BLOCK/128, 128])."""
+    layout (j: the rows' counters). A 128-element Rademacher row takes 32 counters, one per
+    4 elements, whose words are joined in place of the row (a [BLOCK/4, 4] tile reshaped to
+    [BLOCK/128, 128] instead made 2.5x the Philox calls a thread under Triton 3.6)."""
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     if WIDTH == 128:
-        w = quad_tile(k0, k1, row_counters(g0 >> 2, BLOCK // 4, 1), 4, False)
-        return tl.reshape(w, (BLOCK // WIDTH, WIDTH))
+        w0, w1, w2, w3 = _philox(j[:, None] * 32 + tl.arange(0, 32)[None, :].to(tl.int64), k0, k1)
+        w = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [R, 32, 2, 2]: word 2 i + k at (i, k)
+        return tl.reshape(w, (w.shape[0], 128))
     else:
         return quad_tile(k0, k1, j, WIDTH, False)
 
@@ -221,7 +223,7 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     y = tl.load(scales_ptr) * theta
     y = tl.where(s_new != 0.0, y + s_new, y)  # -0 + 0 would be +0
     if ROUNDING and DT != tl.float32:
-        w = _word_tile(tl.load(seeds_ptr + n_old + n_new), j, g0, BLOCK, WIDTH)
+        w = _word_tile(tl.load(seeds_ptr + n_old + n_new), j, WIDTH)
         out = _sr_bits(y, w, DT)
     else:
         out = _rn_bits(y, DT)

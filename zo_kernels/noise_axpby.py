@@ -53,6 +53,11 @@ def config(dtype: torch.dtype, distribution: str, aligned: bool = True) -> tuple
 # contiguous bytes, and a thread holds the 128/(LANES*VEC) slices of one row (the CUDA
 # kernel's layout) and makes one Philox call for them.
 LANES = tl.constexpr(8)
+# Which of a split tile's two strided dims comes first. Triton's coalescing gives a tile's
+# threads to its dims in order of contiguity, and breaks ties by index: before 3.7 the lower
+# index first, from 3.7 the higher. The rows must come right after the contiguous dim, so that
+# a thread's repeats fall on the slices of its own row (found in the TTGIR of 3.6, 3.7, 3.9).
+ROWS_FIRST = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7))
 
 
 @triton.jit
@@ -171,13 +176,17 @@ def _quads(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr):
 def _rademacher_tile(k0, k1, j, SPLIT: tl.constexpr):
     """z of the 128-element rows with counters j (row r: global indices 128 j[r] ..): bit b
     of a row is bit (b & 31) of its counter's word b >> 5. SPLIT 1: a [R, 128] tile.
-    SPLIT > 1: [SPLIT, R, 128/SPLIT], where element (v, r, c) is bit v*128/SPLIT + c of row
-    r; a thread then holds the slices v of one row (see LANES) and makes one Philox call
-    where it would make one per slice."""
+    SPLIT > 1: [SPLIT, R, 128/SPLIT] ([R, SPLIT, 128/SPLIT] with ROWS_FIRST), where element
+    (v, r, c) is bit v*128/SPLIT + c of row r; a thread then holds the slices v of one row
+    (see LANES) and makes one Philox call where it would make one per slice."""
     w0, w1, w2, w3 = _philox(j, k0, k1)
     if SPLIT == 1:
         b = tl.arange(0, 128)[None, :]
         w0, w1, w2, w3 = w0[:, None], w1[:, None], w2[:, None], w3[:, None]
+    elif ROWS_FIRST:
+        b = (tl.arange(0, SPLIT)[None, :, None] * (128 // SPLIT)
+             + tl.arange(0, 128 // SPLIT)[None, None, :])
+        w0, w1, w2, w3 = w0[:, None, None], w1[:, None, None], w2[:, None, None], w3[:, None, None]
     else:
         b = (tl.arange(0, SPLIT)[:, None, None] * (128 // SPLIT)
              + tl.arange(0, 128 // SPLIT)[None, None, :])
@@ -205,9 +214,10 @@ def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.con
          VEC: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """This program's tile of one tensor (tensor_table.py rows) as [BLOCK/WIDTH, WIDTH] slots,
     or with SPLIT > 1 as [SPLIT, BLOCK/WIDTH, WIDTH/SPLIT] (slot (v, r, c) is slot
-    r*WIDTH + v*WIDTH/SPLIT + c): (pointers, slot indices in the tile, which slots hold the
-    tensor's elements, whether all do, the global index of slot 0, the tensor's slots from
-    slot 0 on). Shared by every multi-tensor kernel."""
+    r*WIDTH + v*WIDTH/SPLIT + c; [BLOCK/WIDTH, SPLIT, WIDTH/SPLIT] with ROWS_FIRST):
+    (pointers, slot indices in the tile, which slots hold the tensor's elements, whether all
+    do, the global index of slot 0, the tensor's slots from slot 0 on). Shared by every
+    multi-tensor kernel."""
     pid = tl.program_id(0)
     row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
     ptr_origin = tl.load(row)
@@ -217,6 +227,10 @@ def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.con
     slot0 = (pid - tl.load(row + 4)) * BLOCK  # int64: the tile's first slot
     if SPLIT == 1:
         idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    elif ROWS_FIRST:
+        idx = (tl.arange(0, BLOCK // WIDTH)[:, None, None] * WIDTH
+               + tl.arange(0, SPLIT)[None, :, None] * (WIDTH // SPLIT)
+               + tl.arange(0, WIDTH // SPLIT)[None, None, :])
     else:
         idx = (tl.arange(0, SPLIT)[:, None, None] * (WIDTH // SPLIT)
                + tl.arange(0, BLOCK // WIDTH)[None, :, None] * WIDTH
