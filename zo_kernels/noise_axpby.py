@@ -56,7 +56,7 @@ LANES = tl.constexpr(8)
 # Which of a split tile's two strided dims comes first. Triton's coalescing gives a tile's
 # threads to its dims in order of contiguity, and breaks ties by index: before 3.7 the lower
 # index first, from 3.7 the higher. The rows must come right after the contiguous dim, so that
-# a thread's repeats fall on the slices of its own row (found in the TTGIR of 3.6, 3.7, 3.9).
+# a thread's repeats fall on the slices of its own row (the TTGIR of 3.6, 3.7, 3.8, 3.9).
 ROWS_FIRST = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7))
 
 
