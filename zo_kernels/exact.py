@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, INTERPRETED, _philox, _rademacher_tile, load_tile,
-                          quad_tile, row_counters, store_tile, tile)
+from .noise_axpby import (DTYPES, _philox, _rademacher_tile, load_tile, quad_tile,
+                          row_counters, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
