@@ -173,12 +173,18 @@ __device__ __forceinline__ int field(uint32_t w, int k) { return static_cast<int
 // the tensor's end included: the ESC scan shuffles among the 8 lanes of each chunk.
 //
 // kMode: kPlain (n_old == 0: theta = p), kDecode (theta from the codes and s_old), kPair
-// (kDecode with one old and one new seed that are the same seed: z is made once). Separate
-// instantiations, so each path is register-allocated on its own.
+// (kDecode with one old and one new seed that are the same seed: z is made once).
+//
+// Not inlined: each (dtype, mode) instantiation is register-allocated on its own. Inlined
+// into the kernel's tile loop, the three dtypes' paths shared one allocation and took 176-198
+// registers (ptxas, sm_90; one resident block per SM, 8 warps: too few loads in flight for a
+// stream); on their own they take 90-128, no spills, so the kernel fits two blocks per SM.
+// One call per tile (16 KB), with the entry by value and the args read in place (the kernel
+// takes them __grid_constant__): no stack frame.
 enum Mode : int { kPlain = 0, kDecode = 1, kPair = 2 };
 
 template <typename D, int kDist, int kMode>
-__device__ __forceinline__ void exact_tile(const TensorEntry& t, int64_t tile_start, const ExactArgs& a) {
+__device__ __noinline__ void exact_tile(const TensorEntry t, int64_t tile_start, const ExactArgs& a) {
   constexpr bool decode = kMode != kPlain;
   constexpr bool pair = kMode == kPair;
   using V = Vec16<D>;
@@ -362,31 +368,16 @@ __device__ __forceinline__ void dispatch_mode(const TensorEntry& t, int64_t star
     exact_tile<D, kDist, kDecode>(t, start, a);
 }
 
-// The owner of `tile` given the owner k of an earlier tile of this block (noise_axpby.cu).
-__device__ __forceinline__ int64_t advance_owner(const int64_t* tile_begin, int64_t n_tensors,
-                                                 int64_t k, int64_t tile) {
-  const int l = threadIdx.x % 32;
-  for (;;) {
-    const int64_t j = k + 1 + l;
-    const bool past = j >= n_tensors || tile_begin[j] > tile;
-    const unsigned m = __ballot_sync(0xffffffffu, past);
-    if (m != 0) return k + (__ffs(m) - 1);
-    k += 32;
-  }
-}
-
-// No register cap: with caps of 3 (80 registers) or 2 (128) blocks per SM the 16-bit and
-// Gaussian paths spilled (measured with ptxas -v, sm_90). Uncapped they use ~175-200
-// registers (sm_80/sm_90) without spills, one resident 256-thread block per SM: correctness
-// first; the occupancy is the thing to improve (fewer live values per thread) if it is slow.
-template <int kDist>
-constexpr int kMinBlocksPerSM = 1;
+// Two resident 256-thread blocks per SM (a 128-register cap): the most that compiles without
+// spills (ptxas -v, sm_80 and sm_90); a cap of three (80 registers) spills 100-136 bytes in the
+// Gaussian decoding paths.
+constexpr int kMinBlocksPerSM = 2;
 
 // kDecoding: n_old > 0 (known on the host); one kernel per case keeps each one's register
 // allocation to its own paths.
 template <int kDist, bool kDecoding>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<kDist>)
-    exact_kernel(const void* table, int64_t n_tensors, int64_t n_tiles, const ExactArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    exact_kernel(const void* table, int64_t n_tensors, int64_t n_tiles, const __grid_constant__ ExactArgs args) {
   const char* base = static_cast<const char*>(table);
   const TensorEntry* entries = reinterpret_cast<const TensorEntry*>(base);
   const int64_t* tile_begin =

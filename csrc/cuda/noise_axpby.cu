@@ -132,24 +132,6 @@ __device__ __forceinline__ void tile_pass(const TensorEntry& t, int64_t tile_sta
   }
 }
 
-// The owner of `tile`, given the owner k of an earlier tile of this block: 32 candidates per
-// round, one load per lane, and a ballot. A block's tiles only increase, so this is usually
-// one round of L1 hits, where a binary search per tile was a chain of ~log2(n) dependent
-// loads (9 at 388 tensors) with no data loads of the block in flight. Call with the whole
-// warp (the tile loop is uniform across the block).
-__device__ __forceinline__ int64_t advance_owner(const int64_t* tile_begin, int64_t n_tensors,
-                                                 int64_t k, int64_t tile) {
-  const int l = threadIdx.x % 32;
-  for (;;) {
-    const int64_t j = k + 1 + l;
-    // tile_begin[n_tensors] is the tile count, past every tile: lanes from there on say "past"
-    const bool past = j >= n_tensors || tile_begin[j] > tile;
-    const unsigned m = __ballot_sync(0xffffffffu, past);
-    if (m != 0) return k + (__ffs(m) - 1);  // the first tensor starting after `tile`, less one
-    k += 32;
-  }
-}
-
 // Register caps: the most resident blocks per SM that compile without spills on sm_90
 // (Box-Muller holds more live values than the sign bits).
 template <int kDist>

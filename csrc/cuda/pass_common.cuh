@@ -102,6 +102,24 @@ __device__ __forceinline__ void noise_sum(float (&acc)[kNV][kVec], const uint64_
   }
 }
 
+// The owner of `tile`, given the owner k of an earlier tile of this block: 32 candidates per
+// round, one load per lane, and a ballot. A block's tiles only increase, so this is usually
+// one round of L1 hits, where a binary search per tile was a chain of ~log2(n) dependent
+// loads (9 at 388 tensors) with no data loads of the block in flight. Call with the whole
+// warp (the tile loop is uniform across the block).
+__device__ __forceinline__ int64_t advance_owner(const int64_t* tile_begin, int64_t n_tensors,
+                                                 int64_t k, int64_t tile) {
+  const int l = threadIdx.x % 32;
+  for (;;) {
+    const int64_t j = k + 1 + l;
+    // tile_begin[n_tensors] is the tile count, past every tile: lanes from there on say "past"
+    const bool past = j >= n_tensors || tile_begin[j] > tile;
+    const unsigned m = __ballot_sync(0xffffffffu, past);
+    if (m != 0) return k + (__ffs(m) - 1);  // the first tensor starting after `tile`, less one
+    k += 32;
+  }
+}
+
 // Blocks in one resident wave of `kernel` (variant `which` < kVariants of this file's kernel)
 // of kThreads threads on the current device. The occupancy query costs a few microseconds and
 // its answer never changes for a device, so it is asked once per device and variant (the
