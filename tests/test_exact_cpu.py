@@ -248,6 +248,18 @@ def test_codes_out_of_range_raise():
         cpu_pass(p, offsets, [1], [1.0, EPS], 0, codes, code_base, table, True, None, "gaussian")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scales_raise_and_leave_params(bad):
+    p = [(torch.randn(256) * 0.02).to(torch.bfloat16)]
+    start = p[0].clone()
+    offsets, code_base, n = layout(p)
+    codes = torch.zeros(n, dtype=torch.int8)
+    table = exact.build_table(p, offsets, exact.tau(EPS, "gaussian"))
+    with pytest.raises(RuntimeError, match="scales must be finite"):
+        cpu_pass(p, offsets, [1], [1.0, bad], 0, codes, code_base, table, False, None, "gaussian")
+    assert torch.equal(int_view(p[0]), int_view(start))
+
+
 def test_encode_needs_alpha_one():
     p = [torch.randn(256)]
     offsets, code_base, n = layout(p)

@@ -221,24 +221,6 @@ ZO_INLINE void gaussian_z(float* __restrict z, int64_t n, uint64_t g0, uint64_t 
   }
 }
 
-// z = +1 where bit i of the word is set, else -1 (the sign bit is the inverted bit).
-ZO_INLINE void store_signs(float* __restrict a, uint32_t word) {
-#pragma omp simd
-  for (int i = 0; i < 32; ++i) a[i] = zo::bits_to_float(0x3f800000u | ((~(word >> i) & 1u) << 31));
-}
-
-ZO_INLINE void rademacher_z(float* __restrict z, int64_t n, uint64_t g0, uint64_t seed) {
-  const int64_t blocks = (n + zo::kAlign - 1) / zo::kAlign;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const zo::Words4 w = zo::rademacher_words(seed, (g0 >> 7) + b);
-    float* a = z + zo::kAlign * b;
-    store_signs(a, w.w0);
-    store_signs(a + 32, w.w1);
-    store_signs(a + 64, w.w2);
-    store_signs(a + 96, w.w3);
-  }
-}
-
 // The four Philox words of each Gaussian block in element order: out[e] = word (g & 3) of
 // Philox(seed, g >> 2) for g = g0 + e (the stochastic-rounding stream of EXACT.md).
 template <int kIsa>

@@ -8,8 +8,9 @@
 // 128-aligned, so a table chunk never spans two tensors). Per block the
 // noise of each seed is generated once into a stack buffer by the shared vectorized
 // generators (cpu_noise.h), so a seed that is both old and new (the central pass
-// +eps z -> -eps z) costs one generation. The element loops are branch-free and vectorize;
-// only the side-table lookups (ESC codes, in index order within each chunk) are scalar.
+// +eps z -> -eps z) costs one generation. Then the side table's values go to the ESC
+// elements' slots (found by vector compares of the codes, visited in index order), and one
+// branch-free loop that vectorizes decodes theta, stores the new value and encodes.
 //
 // All arithmetic is float32 with no contraction into FMAs: the file is compiled with
 // -std=c++17 (GCC: -ffp-contract=off) and the pragma below makes it explicit.
@@ -19,7 +20,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "exact_cpu.h"
@@ -65,128 +68,174 @@ static_assert(kChunk % kBlock == 0 && kBlock % kTableChunk == 0, "blocks hold wh
 struct Scratch {
   alignas(64) float s_old[kBlock];
   alignas(64) float s_new[kBlock];
-  alignas(64) float z[kBlock];
-  alignas(64) uint32_t theta[kBlock];  // theta's bits, zero-extended
+  alignas(64) float z[kBlock];        // Gaussian z of one seed
+  alignas(64) uint32_t table[kBlock];  // the side table's bits at ESC elements (others unread)
   alignas(64) uint32_t words[kBlock];  // stochastic-rounding words
 };
 
-template <int kIsa>
-ZO_INLINE void make_z(float* z, int64_t n, uint64_t g0, uint64_t seed, bool gaussian) {
-  if (gaussian)
-    gaussian_z<kIsa>(z, n, g0, seed);
-  else
-    rademacher_z(z, n, g0, seed);
-}
-
-ZO_INLINE void axpy_into(float* __restrict acc, const float* __restrict z, int64_t n, float c) {
+// acc = acc + c * z, or for the first term of a sum acc = +0 + c * z (no fill, no read).
+ZO_INLINE void axpy_into(float* __restrict acc, const float* __restrict z, int64_t n, float c,
+                         bool first) {
+  if (first) {
 #pragma omp simd
-  for (int64_t e = 0; e < n; ++e) acc[e] = acc[e] + c * z[e];
+    for (int64_t e = 0; e < n; ++e) acc[e] = 0.0f + c * z[e];
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) acc[e] = acc[e] + c * z[e];
+  }
 }
 
-// s_old and s_new of EXACT.md, each accumulated from +0 in seed order; z of the previous seed
-// is reused when the next seed is the same one.
+// s_old and s_new of EXACT.md, each accumulated from +0 in seed order (an empty sum is +0).
+// Rademacher signs are added straight from the Philox words (one call per 128 elements);
+// Gaussian z goes through S.z, reused when the next seed is the same one.
 template <int kIsa>
 ZO_INLINE void displacements(Scratch& S, const ExactArgs& A, int64_t n, uint64_t g0) {
   const int64_t n_seeds = A.n_old + A.n_new;
-  std::fill(S.s_old, S.s_old + n, 0.0f);
-  std::fill(S.s_new, S.s_new + n, 0.0f);
+  if (A.n_old == 0) std::fill(S.s_old, S.s_old + n, 0.0f);
+  if (A.n_new == 0) std::fill(S.s_new, S.s_new + n, 0.0f);
   bool have = false;
   uint64_t cached = 0;
   for (int64_t i = 0; i < n_seeds; ++i) {
     const uint64_t seed = static_cast<uint64_t>(A.seeds[i]);
+    const bool old = i < A.n_old;
+    float* acc = old ? S.s_old : S.s_new;
+    const bool first = i == (old ? 0 : A.n_old);
+    const float c = A.scales[1 + i];
+    if (!A.gaussian) {
+      if (first) std::fill(acc, acc + n, 0.0f);
+      add_rademacher(acc, n, g0, seed, c);
+      continue;
+    }
     if (!have || seed != cached) {
-      make_z<kIsa>(S.z, n, g0, seed, A.gaussian);
+      gaussian_z<kIsa>(S.z, n, g0, seed);
       have = true;
       cached = seed;
     }
-    axpy_into(i < A.n_old ? S.s_old : S.s_new, S.z, n, A.scales[1 + i]);
-  }
-}
-
-// theta's bits from the stored value and the code: sign(t) | (mag(t) + code),
-// t = RN(p - s_old). ESC elements are overwritten from the table afterwards.
-template <class D>
-ZO_INLINE void decode(uint32_t* __restrict theta, const typename D::Store* __restrict p,
-                      const float* __restrict s_old, const int8_t* __restrict codes, int64_t n) {
-#pragma omp simd
-  for (int64_t e = 0; e < n; ++e) {
-    const uint32_t t = D::rn(D::to_f(p[e]) - s_old[e]);
-    theta[e] = (t & ~D::kMag) | ((t & D::kMag) + static_cast<uint32_t>(static_cast<int32_t>(codes[e])));
+    axpy_into(acc, S.z, n, c, first);
   }
 }
 
 // 0x80 in each byte of ``w`` that holds ESC (0x80), 0 in the others: exact per byte (the add
-// cannot carry into the next byte), so the set bits walk the ESC codes in index order.
+// cannot carry into the next byte).
 ZO_INLINE uint64_t esc_bytes(uint64_t w) {
   constexpr uint64_t k7f = 0x7f7f7f7f7f7f7f7fULL;
   const uint64_t v = w ^ 0x8080808080808080ULL;  // ESC bytes -> 0
   return ~(((v & k7f) + k7f) | v | k7f);
 }
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "esc_bytes reads codes as little-endian words");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "codes are read as little-endian words");
 
-// The side-table entries of the ESC elements: slot = chunk_base[chunk] + ESC codes before the
-// element in its chunk. The codes are read 8 at a time and only the ESC ones visited (a
-// branch per code mispredicts on each ESC: 0.7% of N(0, 0.02) weights, most chunks); returns
-// false if a slot falls outside the table.
-ZO_INLINE bool lookup_table(uint32_t* theta, const int8_t* codes, int64_t n, int64_t chunk0,
-                            const ExactArgs& A) {
-  for (int64_t c0 = 0; c0 < n; c0 += kTableChunk) {
-    const int64_t len = std::min(kTableChunk, n - c0);
-    int64_t slot = -1;  // read at the chunk's first ESC code
-    for (int64_t w0 = 0; w0 < len; w0 += 8) {
-      uint64_t word = 0;  // past the tensor: zero bytes, which are not ESC
-      if (w0 + 8 <= len)
-        std::memcpy(&word, codes + c0 + w0, 8);
-      else
-        std::memcpy(&word, codes + c0 + w0, static_cast<size_t>(len - w0));
-      for (uint64_t m = esc_bytes(word); m != 0; m &= m - 1) {
-        if (slot < 0) slot = A.chunk_base[chunk0 + c0 / kTableChunk];
-        if (slot < 0 || slot >= A.n_bits) return false;
-        theta[c0 + w0 + (__builtin_ctzll(m) >> 3)] = static_cast<uint32_t>(A.bits[slot++]);
-      }
+// masks[i], bit e: codes[64 i + e] is ESC, for i < groups (whole groups of 64 codes).
+ZO_INLINE void esc_masks_scalar(const int8_t* codes, int64_t groups, uint64_t* masks) {
+  for (int64_t i = 0; i < groups; ++i) {
+    uint64_t m = 0;
+    for (int w = 0; w < 8; ++w) {
+      uint64_t word;
+      std::memcpy(&word, codes + 64 * i + 8 * w, 8);
+      // the 0x80 bits of esc_bytes, one per byte, gathered into the top byte by the multiply
+      m |= (((esc_bytes(word) >> 7) * 0x0102040810204080ULL) >> 56) << (8 * w);
     }
+    masks[i] = m;
+  }
+}
+
+#if defined(ZO_X86_DISPATCH)
+// Not inlined (the intrinsics need the clone's target; one call per block).
+ZO_TARGET_V4 __attribute__((noinline)) void esc_masks_v4(const int8_t* codes, int64_t groups, uint64_t* masks) {
+  const __m512i esc = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < groups; ++i)
+    masks[i] = _mm512_cmpeq_epi8_mask(_mm512_loadu_si512(codes + 64 * i), esc);
+}
+ZO_TARGET_V3 __attribute__((noinline)) void esc_masks_v3(const int8_t* codes, int64_t groups, uint64_t* masks) {
+  const __m256i esc = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < 2 * groups; ++i) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * i));
+    const uint64_t m = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, esc)));
+    masks[i / 2] = i % 2 ? masks[i / 2] | (m << 32) : m;
+  }
+}
+#endif
+
+template <int kIsa>
+ZO_INLINE void esc_masks(const int8_t* codes, int64_t groups, uint64_t* masks) {
+#if defined(ZO_X86_DISPATCH)
+  if constexpr (kIsa == 2) return esc_masks_v4(codes, groups, masks);
+  if constexpr (kIsa == 1) return esc_masks_v3(codes, groups, masks);
+#endif
+  esc_masks_scalar(codes, groups, masks);
+}
+
+// The side table's bits into table[e] for the ESC elements e: slot = chunk_base[chunk] + ESC
+// codes before e in its chunk, so the ESC elements of each chunk are visited in index order
+// (N(0, 0.02) weights at eps = 1e-3: 0.7% of them, in 60% of the chunks, Gaussian; 0.13%, in
+// 15% of the chunks, Rademacher). Returns false if a slot falls outside the table.
+template <int kIsa>
+ZO_INLINE bool lookup_table(uint32_t* table, const int8_t* codes, int64_t n, int64_t chunk0,
+                            const ExactArgs& A) {
+  uint64_t masks[kBlock / 64] = {};  // bit e of masks[i]: element 64 i + e is ESC (n <= kBlock)
+  const int64_t whole = n / 64;
+  esc_masks<kIsa>(codes, whole, masks);
+  for (int64_t e = 64 * whole; e < n; ++e)  // a tensor's ragged end
+    masks[e >> 6] |= static_cast<uint64_t>(codes[e] == kEsc) << (e & 63);
+  for (int64_t c = 0; c * kTableChunk < n; ++c) {
+    const uint64_t lo = masks[2 * c], hi = masks[2 * c + 1];
+    if ((lo | hi) == 0) continue;
+    int64_t slot = A.chunk_base[chunk0 + c];
+    for (int h = 0; h < 2; ++h)
+      for (uint64_t b = h ? hi : lo; b != 0; b &= b - 1) {
+        if (slot < 0 || slot >= A.n_bits) return false;
+        table[c * kTableChunk + 64 * h + __builtin_ctzll(b)] = static_cast<uint32_t>(A.bits[slot++]);
+      }
   }
   return true;
 }
 
-// n_old == 0 and encode: the table elements are the special ones (EXACT.md): mark them ESC
-// before the store loop, which then treats both cases alike.
-template <class D>
-ZO_INLINE void mark_special(int8_t* __restrict codes, const uint32_t* __restrict theta, int64_t n,
-                            float tau) {
-#pragma omp simd
-  for (int64_t e = 0; e < n; ++e) codes[e] = static_cast<int8_t>(is_special<D>(theta[e], tau) << 7);  // ESC or 0
-}
-
-// p = RN or SR(alpha * theta [+ s_new]); codes = mag(theta) - mag(RN(p - s_new)) or ESC.
-// A NaN theta is stored as its own bits (a table element: restored bit for bit, payload
-// included). Returns false if a code fell outside [-127, 127] (the bound of EXACT.md).
-template <class D, bool kSR, bool kEncode>
-ZO_INLINE bool store(typename D::Store* __restrict p, int8_t* __restrict codes,
-                     const uint32_t* __restrict theta, const float* __restrict s_new,
-                     const uint32_t* __restrict words, int64_t n, float alpha) {
+// One loop over the block (EXACT.md "One exact pass"): theta (kDecode: from the stored value
+// and the code, sign(t) | (mag(t) + code) with t = RN(p - s_old), or the table's bits at ESC
+// codes; otherwise p itself), then p = RN or SR(alpha * theta [+ s_new]) and, with kEncode,
+// the code mag(theta) - mag(RN(p - s_new)), or ESC (kDecode: where it was ESC; otherwise where
+// theta is special). kEncode implies alpha == 1 (checked by the op). A NaN theta is stored as
+// its own bits (a table element: restored bit for bit, payload included). Returns false if a
+// code fell outside [-127, 127] (the bound of EXACT.md).
+template <class D, bool kDecode, bool kSR, bool kEncode>
+ZO_INLINE bool exact_loop(typename D::Store* __restrict p, int8_t* __restrict codes,
+                          const uint32_t* __restrict table, const float* __restrict s_old,
+                          const float* __restrict s_new, const uint32_t* __restrict words,
+                          int64_t n, float alpha, float tau) {
   uint32_t bad = 0;  // (no omp simd reduction: GCC 12 sizes its lane array wrongly here)
   for (int64_t e = 0; e < n; ++e) {
-    const uint32_t tb = theta[e];
+    const uint32_t pb = p[e];
+    uint32_t tb = pb, esc = 0;
+    if constexpr (kDecode) {
+      const int32_t code = codes[e];
+      // NaN only at an ESC element (a NaN theta is special), where the table's bits win
+      const uint32_t t = D::rn_finite(D::to_f(pb) - s_old[e]);
+      const uint32_t decoded = (t & ~D::kMag) | ((t & D::kMag) + static_cast<uint32_t>(code));
+      esc = static_cast<uint32_t>(code == kEsc);
+      tb = zo::select_bits(esc != 0, table[e], decoded);
+    } else if constexpr (kEncode) {
+      esc = is_special<D>(tb, tau);
+    }
     const float th = D::to_f(tb);
     const float sn = s_new[e];
-    const float ya = alpha * th;
+    const float ya = kEncode ? th : alpha * th;
     const float ys = ya + sn;
     const float y = zo::bits_to_float(  // -0 + 0 would lose the sign of -0
         zo::select_bits(sn != 0.0f, zo::float_to_bits(ys), zo::float_to_bits(ya)));
     uint32_t out;
+    // A NaN y from arithmetic is the default NaN, which rn_finite keeps a NaN; a NaN with
+    // a payload only comes from a NaN theta, whose own bits are stored instead
     if constexpr (kSR)
       out = stochastic_round<D>(y, words[e]);
     else
-      out = D::rn(y);
+      out = D::rn_finite(y);
     out = zo::select_bits(is_nan(th), tb, out);
     p[e] = static_cast<typename D::Store>(out);
     if constexpr (kEncode) {
-      const uint32_t t2 = D::rn(D::to_f(out) - sn);
+      // NaN only where theta is NaN: a special element, whose code is ESC whatever t2 is
+      const uint32_t t2 = D::rn_finite(D::to_f(out) - sn);
       const int32_t k = static_cast<int32_t>(tb & D::kMag) - static_cast<int32_t>(t2 & D::kMag);
-      const bool esc = codes[e] == kEsc;
-      bad |= static_cast<uint32_t>(!esc) & static_cast<uint32_t>(static_cast<uint32_t>(k + 127) > 254u);
-      codes[e] = static_cast<int8_t>(zo::select_bits(esc, 0x80u, static_cast<uint32_t>(k)));
+      bad |= (esc ^ 1u) & static_cast<uint32_t>(static_cast<uint32_t>(k + 127) > 254u);
+      codes[e] = static_cast<int8_t>(zo::select_bits(esc != 0, 0x80u, static_cast<uint32_t>(k)));
     }
   }
   return bad == 0;
@@ -197,37 +246,35 @@ enum Status : int { kOk = 0, kBadCode = 1, kBadSlot = 2 };
 template <int kIsa, class D>
 ZO_INLINE int exact_block(Scratch& S, const ExactArgs& A, typename D::Store* p, int64_t n,
                           uint64_t g0, int64_t pos0) {
-  using Store = typename D::Store;
   int8_t* codes = A.codes + pos0;
   displacements<kIsa>(S, A, n, g0);
-  int status = kOk;
-  if (A.n_old > 0) {
-    decode<D>(S.theta, p, S.s_old, codes, n);
-    if (!lookup_table(S.theta, codes, n, pos0 / kTableChunk, A)) return kBadSlot;
-  } else {
-#pragma omp simd
-    for (int64_t e = 0; e < n; ++e) S.theta[e] = p[e];
-    if (A.encode) mark_special<D>(codes, S.theta, n, A.tau);
-  }
-  const float alpha = A.scales[0];
-  constexpr bool k16 = sizeof(Store) == 2;
+  const bool decode = A.n_old > 0;
+  if (decode && !lookup_table<kIsa>(S.table, codes, n, pos0 / kTableChunk, A)) return kBadSlot;
+  constexpr bool k16 = sizeof(typename D::Store) == 2;
   const bool sr = k16 && A.rounding;
   if (sr) philox_element_words<kIsa>(S.words, n, g0, static_cast<uint64_t>(A.seeds[A.n_old + A.n_new]));
+  const float alpha = A.scales[0], tau = A.tau;
+  const auto loop = [&](auto decode_c, auto sr_c, auto encode_c) {
+    return exact_loop<D, decltype(decode_c)::value, decltype(sr_c)::value, decltype(encode_c)::value>(
+        p, codes, S.table, S.s_old, S.s_new, S.words, n, alpha, tau);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
   bool ok;
-  if (A.encode)  // encode needs round-to-nearest (checked by the op)
-    ok = store<D, false, true>(p, codes, S.theta, S.s_new, S.words, n, alpha);
+  if (A.encode)  // encode needs round-to-nearest stores (checked by the op)
+    ok = decode ? loop(T{}, F{}, T{}) : loop(F{}, F{}, T{});
   else if (sr)
-    ok = store<D, k16, false>(p, codes, S.theta, S.s_new, S.words, n, alpha);
+    ok = decode ? loop(T{}, T{}, F{}) : loop(F{}, T{}, F{});
   else
-    ok = store<D, false, false>(p, codes, S.theta, S.s_new, S.words, n, alpha);
-  if (!ok) status = kBadCode;
-  return status;
+    ok = decode ? loop(T{}, F{}, F{}) : loop(F{}, F{}, F{});
+  return ok ? kOk : kBadCode;
 }
 
 // A work item in blocks of kBlock elements, so that the scratch stays in L1.
 template <int kIsa, class D>
 ZO_INLINE int exact_item_body(const ExactArgs& A, void* data, int64_t n, uint64_t g0, int64_t pos0) {
   Scratch S;
+  std::fill(S.table, S.table + kBlock, 0u);  // read (and discarded) at non-ESC elements
   auto* p = static_cast<typename D::Store*>(data);
   int status = kOk;
   for (int64_t b = 0; b < n; b += kBlock)
@@ -302,6 +349,9 @@ void noise_axpby_exact_cpu(at::TensorList params, at::IntArrayRef offsets, const
   const float* sc = scales.data_ptr<float>();
   TORCH_CHECK(!encode || (sc[0] == 1.0f && !rounding), op,
               "encode needs alpha == 1 and round-to-nearest stores");
+  // (the stores also rely on it: a NaN there could only come from theta, see exact_loop)
+  TORCH_CHECK(std::all_of(sc, sc + scales.numel(), [](float v) { return std::isfinite(v); }), op,
+              "scales must be finite: a non-finite alpha or coefficient leaves nothing to restore");
 
   ExactArgs A;
   A.seeds = seeds.data_ptr<int64_t>();

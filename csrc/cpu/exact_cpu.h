@@ -14,13 +14,15 @@ constexpr int64_t kTableChunk = 128;  // EXACT.md: chunks of the side table
 static_assert(kChunk % kTableChunk == 0, "work items hold whole table chunks");
 
 // The parameter dtypes as raw bits (uint32, zero-extended) <-> float32, and round to nearest
-// even back to the dtype's bits (the header's branch-free conversions).
+// even back to the dtype's bits (the header's branch-free conversions). rn_finite: rn for an
+// argument that is not NaN (bfloat16 then skips the NaN case).
 struct F32 {
   using Store = uint32_t;
   static constexpr uint32_t kMag = 0x7fffffffu;
   static constexpr float kBig = 1.70141173319264429905852091742258462e+38f;  // max / 2
   ZO_HD static float to_f(uint32_t b) { return zo::bits_to_float(b); }
   ZO_HD static uint32_t rn(float f) { return zo::float_to_bits(f); }
+  ZO_HD static uint32_t rn_finite(float f) { return rn(f); }
 };
 struct BF16 {
   using Store = uint16_t;
@@ -28,6 +30,10 @@ struct BF16 {
   static constexpr float kBig = 1.69477678e+38f;  // 0x7f7f as float, / 2 (exact)
   ZO_HD static float to_f(uint32_t b) { return zo::bf16_to_float(static_cast<uint16_t>(b)); }
   ZO_HD static uint32_t rn(float f) { return zo::float_to_bf16_rne(f); }
+  ZO_HD static uint32_t rn_finite(float f) {
+    const uint32_t b = zo::float_to_bits(f);
+    return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  }
 };
 struct F16 {
   using Store = uint16_t;
@@ -35,6 +41,7 @@ struct F16 {
   static constexpr float kBig = 32752.0f;  // 65504 / 2
   ZO_HD static float to_f(uint32_t b) { return zo::half_to_float(static_cast<uint16_t>(b)); }
   ZO_HD static uint32_t rn(float f) { return zo::float_to_half_rne(f); }
+  ZO_HD static uint32_t rn_finite(float f) { return rn(f); }
 };
 
 ZO_INLINE float abs_f(float f) { return zo::bits_to_float(zo::float_to_bits(f) & 0x7fffffffu); }
