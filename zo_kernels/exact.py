@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, _philox, _rademacher_tile, load_tile, quad_tile,
+from .noise_axpby import (DTYPES, _philox, _rademacher_tile, load_tile, quad_tile, rn_bf16_bits,
                           row_counters, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
@@ -75,15 +75,11 @@ def _to_f32(bits, DT: tl.constexpr):
 
 @triton.jit
 def _rn_bits(y, DT: tl.constexpr):
-    """float32 -> int32 raw bits of RN_DT(y), round to nearest even. bfloat16 by hand (the
-    interpreter truncates; NaNs are kept quiet, as in noise_axpby._round_to)."""
+    """float32 -> int32 raw bits of RN_DT(y), round to nearest even."""
     if DT == tl.float32:
         return y.to(tl.int32, bitcast=True)
     elif DT == tl.bfloat16:
-        b = y.to(tl.uint32, bitcast=True)
-        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        is_nan = (b & 0x7FFFFFFF) > 0x7F800000
-        return tl.where(is_nan, (b >> 16) | 0x40, rounded).to(tl.int32)
+        return rn_bf16_bits(y).to(tl.int32)
     else:
         return y.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
 

@@ -197,14 +197,25 @@ def _rademacher_tile(k0, k1, j, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _round_to(y, dtype: tl.constexpr):
-    """float32 -> dtype, round to nearest even. bfloat16 by hand: the interpreter truncates."""
-    if dtype == tl.bfloat16:
+def rn_bf16_bits(y):
+    """float32 -> the uint32 (zero-extended) bits of bfloat16 round to nearest even. Compiled,
+    the cast itself (one cvt.rn.bf16x2 per two elements, where the bit arithmetic below took
+    about seven instructions an element); under the interpreter, which truncates instead, by
+    hand (NaNs kept quiet; the GPU's cvt makes them canonical)."""
+    if HAND_ROUNDED_BF16:
         bits = y.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        out = tl.where(is_nan, (bits >> 16) | 0x40, rounded)  # keep NaNs quiet
-        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(is_nan, (bits >> 16) | 0x40, rounded)
+    else:
+        return y.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def _round_to(y, dtype: tl.constexpr):
+    """float32 -> dtype, round to nearest even."""
+    if dtype == tl.bfloat16:
+        return rn_bf16_bits(y).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return y.to(dtype)
 
@@ -314,6 +325,7 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
 # The interpreter (TRITON_INTERPRET=1 before triton's import) makes plain Python of the
 # kernel, and runs it on CPU tensors.
 INTERPRETED = not isinstance(noise_axpby_kernel, triton.runtime.JITFunction)
+HAND_ROUNDED_BF16 = tl.constexpr(INTERPRETED)  # read by rn_bf16_bits when it runs or compiles
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
