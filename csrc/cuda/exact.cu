@@ -19,6 +19,7 @@
 // Arithmetic: explicit __fadd_rn / __fsub_rn / __fmul_rn everywhere, so nothing is contracted
 // into an FMA and the encode's RN(p - s_new) is the next decode's RN(p - s_old) bit for bit.
 // The sums start from +0 in seed order, as the reference (zo_opt/exact.py) does.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "../zo_noise.h"
@@ -37,7 +38,7 @@ static_assert(kThreads * kVecsPerThread * 16 == kTileBytes, "a tile is one pass 
 static_assert(kAlign == 128, "a Philox block of 128 elements is one table chunk");
 
 // Element types. value(): raw bits (only the dtype's width is read) -> float32, exact; rn():
-// float32 -> raw bits of RN_D; make(): raw bits -> the stored element.
+// float32 -> raw bits of RN_D (the hardware's cvt.rn); make(): raw bits -> the stored element.
 struct F32 {
   using Bits = float;
   static constexpr uint32_t kMag = 0x7FFFFFFFu;
@@ -62,7 +63,7 @@ struct BF16 {
   static constexpr uint32_t kBigBits = 0x7EFF0000u;  // max(bfloat16) / 2
   static constexpr bool kWide = false;
   __device__ static float value(uint32_t u) { return __uint_as_float((u & 0xFFFFu) << 16); }
-  __device__ static uint32_t rn(float v) { return float_to_bf16_rne(v); }
+  __device__ static uint32_t rn(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
   __device__ static uint16_t make(uint32_t u) { return static_cast<uint16_t>(u); }
 };
 
