@@ -35,8 +35,8 @@ ESC = -128
 # (BLOCK, num_warps) of the exact kernel. An element keeps about ten 32-bit values live (x,
 # s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element tiles
 # ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM; at
-# 2048 the middle passes take 64-80 and the first and last 178-186 without spills
-# (compile_check reports them). benchmarks/gpu/driver.py --sweep-s times the alternatives.
+# 2048 the variants compile_check reports take 63-82 (Triton 3.7), one of them with a 4-byte
+# spill (bf16 Rademacher, middle pass). benchmarks/gpu/driver.py --sweep-s times the others.
 CONFIG = (2048, 8)
 CHUNK_C = tl.constexpr(CHUNK)
 ESC_C = tl.constexpr(ESC)
