@@ -85,13 +85,14 @@ ZO_INLINE void axpy_into(float* __restrict acc, const float* __restrict z, int64
   }
 }
 
-// s_old and s_new of EXACT.md, each accumulated from +0 in seed order (an empty sum is +0).
-// Rademacher signs are added straight from the Philox words (one call per 128 elements);
+// s_old and s_new of EXACT.md, each accumulated from +0 in seed order (an empty s_new is +0;
+// s_old is read only when decoding, n_old > 0). Rademacher signs are added straight from the
+// Philox words (one call per 128 elements, so whole blocks of 128: the fill covers them);
 // Gaussian z goes through S.z, reused when the next seed is the same one.
 template <int kIsa>
 ZO_INLINE void displacements(Scratch& S, const ExactArgs& A, int64_t n, uint64_t g0) {
   const int64_t n_seeds = A.n_old + A.n_new;
-  if (A.n_old == 0) std::fill(S.s_old, S.s_old + n, 0.0f);
+  const int64_t whole = (n + zo::kAlign - 1) / zo::kAlign * zo::kAlign;
   if (A.n_new == 0) std::fill(S.s_new, S.s_new + n, 0.0f);
   bool have = false;
   uint64_t cached = 0;
@@ -102,7 +103,7 @@ ZO_INLINE void displacements(Scratch& S, const ExactArgs& A, int64_t n, uint64_t
     const bool first = i == (old ? 0 : A.n_old);
     const float c = A.scales[1 + i];
     if (!A.gaussian) {
-      if (first) std::fill(acc, acc + n, 0.0f);
+      if (first) std::fill(acc, acc + whole, 0.0f);
       add_rademacher(acc, n, g0, seed, c);
       continue;
     }
