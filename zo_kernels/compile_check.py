@@ -53,7 +53,8 @@ def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSo
 
 def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
     compiled = triton.compile(source(dtype, rademacher, aligned), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": plain_config(aligned)[1]})
+                              options=noise_axpby.launch_options(rademacher, ELEMENT_BYTES[dtype],
+                                                                 plain_config(aligned)[1]))
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
             **summary(compiled)}
 

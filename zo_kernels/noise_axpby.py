@@ -35,6 +35,20 @@ NUM_WARPS = 8
 TUNED: dict[tuple[torch.dtype, str], tuple[int, int]] = {}
 
 
+# Rademacher passes are bound by memory, so resident warps count for more than registers:
+# float32 ones capped at 80 fit three 256-thread blocks an SM where they took 99 registers
+# (two), with no spills (ptxas sm_90, Triton 3.6 to 3.9). 16-bit ones run uncapped: under the
+# cap Triton 3.7 took 72 where it takes 64 (four blocks), and at 64 Triton 3.8 spills.
+# Gaussian passes would spill under 80 (115-121 registers, two blocks).
+RADEMACHER_FLOAT32_MAXNREG = 80
+
+
+def launch_options(rademacher: bool, element_size: int, warps: int) -> dict:
+    """The compile options of a plain-pass launch (compile_check compiles with the same)."""
+    capped = rademacher and element_size == 4
+    return {"num_warps": warps, "maxnreg": RADEMACHER_FLOAT32_MAXNREG if capped else None}
+
+
 # Tiles that do not start 16-byte aligned (views into a shared buffer) take a scalar address
 # an element, and 4 elements a thread: ptxas (sm_90) gives 27-62 registers, where 8 a thread
 # take up to 128 and spill, and 16 take 208-255 and spill.
@@ -385,4 +399,5 @@ def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int
         noise_axpby_kernel[(table.n_blocks,)](
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
             RADEMACHER=rademacher, ALIGNED=table.aligned,
-            VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=block, num_warps=warps)
+            VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=block,
+            **launch_options(rademacher, params[0].element_size(), warps))
