@@ -134,8 +134,7 @@ def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compile
 def exact_report(dtype: str, rademacher: bool, variant: tuple, arch: int) -> dict:
     compiled = triton.compile(exact_source(dtype, rademacher, variant),
                               target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": exact.CONFIG[1],
-                                       "enable_fp_fusion": False})
+                              options=exact.launch_options(variant[2], exact.CONFIG[1]))
     return {"kernel": "exact", "variant": variant[0], "dtype": dtype, "rademacher": rademacher,
             "aligned": variant[4], "arch": arch, **summary(compiled)}
 

@@ -35,9 +35,22 @@ ESC = -128
 # (BLOCK, num_warps) of the exact kernel. An element keeps about ten 32-bit values live (x,
 # s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element tiles
 # ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM; at
-# 2048 the variants compile_check reports take 63-82 (Triton 3.7), one of them with a 4-byte
-# spill (bf16 Rademacher, middle pass). benchmarks/gpu/driver.py --sweep-s times the others.
+# 2048 the variants compile_check reports take 63-82 uncapped under Triton 3.7 (up to 121
+# under 3.6). benchmarks/gpu/driver.py --sweep-s times the others.
 CONFIG = (2048, 8)
+# Passes that encode (the first, and the 2q - 1 middle ones of a step) launch capped at 80
+# registers: three 256-thread blocks an SM and no spills on Triton 3.6 to 3.9, where 3.6 took
+# 90-119 in the middle passes (two blocks). The last pass runs uncapped: under the cap 3.6
+# spills 8 bytes in its bfloat16 Rademacher variant.
+ENCODE_MAXNREG = 80
+
+
+def launch_options(encode: bool, warps: int) -> dict:
+    """The compile options of an exact-pass launch (compile_check compiles with the same)."""
+    return {"num_warps": warps, "enable_fp_fusion": False,
+            "maxnreg": ENCODE_MAXNREG if encode else None}
+
+
 CHUNK_C = tl.constexpr(CHUNK)
 ESC_C = tl.constexpr(ESC)
 # max(dtype) / 2: above it theta + s could overflow (zo_opt.exact.big), exact in float32
@@ -283,6 +296,6 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
                     ROUNDING=bool(rounding), RADEMACHER=distribution == "rademacher",
                     ALIGNED=tt.aligned,
                     VEC=VECTOR_BYTES // ps[0].element_size(), BIG=BIGS[ps[0].dtype],
-                    BLOCK=block, num_warps=warps, enable_fp_fusion=False)
+                    BLOCK=block, **launch_options(bool(encode), warps))
 
     return run
