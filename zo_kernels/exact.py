@@ -11,7 +11,7 @@ passes ``enable_fp_fusion=False``, so decode and encode compute ``RN(p - s)`` id
     codes[g] = ESC if special(theta) else mag(theta) - mag(RN(p - s_new))      (encode)
 
 The kernel works on raw bits (int32, zero-extended for 16-bit dtypes): it loads and stores
-the parameters through bitcasts and rounds to bfloat16 by hand (the interpreter truncates).
+the parameters through bitcasts and rounds to bfloat16 with noise_axpby.rn_bf16_bits.
 Tiles are laid out as noise_axpby.py's (tensor_table.py rows), at this kernel's own BLOCK
 (CONFIG, below): [BLOCK/4, 4] for Gaussian noise, [BLOCK/128, 128] for Rademacher. The ESC
 count is an exclusive tl.cumsum along the rows of a [BLOCK/128, 128] view (one row is one
