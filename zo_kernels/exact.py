@@ -40,8 +40,8 @@ ESC = -128
 CONFIG = (2048, 8)
 # Passes that encode (the first, and the 2q - 1 middle ones of a step) launch capped at 80
 # registers: three 256-thread blocks an SM and no spills on Triton 3.6 to 3.9, where 3.6 took
-# 90-119 in the middle passes (two blocks). The last pass runs uncapped: under the cap 3.6
-# spills 8 bytes in its bfloat16 Rademacher variant.
+# 90-119 in the float32 and bfloat16 middle passes (two blocks). The last pass runs uncapped:
+# under the cap 3.6 spills 8 bytes in its bfloat16 Rademacher variant.
 ENCODE_MAXNREG = 80
 
 
