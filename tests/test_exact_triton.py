@@ -135,7 +135,7 @@ def test_stochastic_rounding_words_in_every_tile(dtype, distribution, aligned):
     """Stochastic rounding alone (theta <- SR(0.999 theta), no direction), so bit for bit the
     reference's in every tile shape: Gaussian tiles of 16-byte aligned 16-bit tensors take a
     row's words from two Philox calls (8-element rows), unaligned ones from one (4-element
-    rows), Rademacher tiles reshape theirs."""
+    rows), Rademacher tiles join a 128-element row's from its 32 counters."""
     sizes = (2049, 4100, 300)
     made = make_params(sizes, [dtype] * 3, seed=8)
     if aligned:

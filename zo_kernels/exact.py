@@ -13,10 +13,11 @@ passes ``enable_fp_fusion=False``, so decode and encode compute ``RN(p - s)`` id
 The kernel works on raw bits (int32, zero-extended for 16-bit dtypes): it loads and stores
 the parameters through bitcasts and rounds to bfloat16 with noise_axpby.rn_bf16_bits.
 Tiles are laid out as noise_axpby.py's (tensor_table.py rows), at this kernel's own BLOCK
-(CONFIG, below): [BLOCK/4, 4] for Gaussian noise, [BLOCK/128, 128] for Rademacher. The ESC
-count is an exclusive tl.cumsum along the rows of a [BLOCK/128, 128] view (one row is one
-table chunk: offsets and code_base are 128-aligned); the stochastic-rounding words are made
-in the Gaussian layout (one Philox call per 4 elements) and reshaped for Rademacher tiles.
+(CONFIG, below): [BLOCK/W, W] for Gaussian noise (W: one 16-byte vector, 4 in unaligned
+tiles), [BLOCK/128, 128] for Rademacher. The ESC count is an exclusive tl.cumsum along the
+rows of a [BLOCK/128, 128] view (one row is one table chunk: offsets and code_base are
+128-aligned); the stochastic-rounding words take one Philox call per 4 elements, in the
+Gaussian rows' layout or, in Rademacher tiles, joined from a row's 32 counters.
 """
 from __future__ import annotations
 
