@@ -239,6 +239,7 @@ def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     # q=1,2 x (zo-opt[cpu], two loops), then the bf16 step: round to nearest vs exact + SR
     assert sum("step q=" in line for line in table) == 2 * 3 + 2
     assert {"zo-opt[cpu] round to nearest", "zo-opt[cpu] exact + SR"} <= impls
+    assert sum("before the 1st forward" in line for line in table) == 2 * 3  # eager f32 steps
     assert any(line.startswith("| 3 passes out and back") and "exact" in line for line in table)
     assert "rademacher" in text and "bfloat16" in text
     rows = json.loads(md.with_suffix(".json").read_text())["rows"]

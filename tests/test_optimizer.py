@@ -1,5 +1,6 @@
 """ZOOptimizer: the update it applies, convergence, the estimator's statistics, resume,
 failure handling, memory and input validation."""
+import functools
 import math
 import warnings
 
@@ -154,6 +155,37 @@ def test_closure_with_index_gets_each_query_index_twice():
     assert seen == [0, 0, 1, 2]
 
 
+class _Closures:
+    def method(self):
+        return 0.0
+
+    def indexed_method(self, i):
+        return 0.0
+
+    def __call__(self, i):
+        return 0.0
+
+
+def _plain(): return 0.0
+def _indexed(i=0): return 0.0
+def _keyword_only(*, i=0): return 0.0
+def _varargs(*args): return 0.0
+def _varkw(**kwargs): return 0.0
+def _posonly(i, /): return 0.0
+
+
+@pytest.mark.parametrize("closure", [
+    _plain, _indexed, _keyword_only, _varargs, _varkw, _posonly, lambda: 0.0, lambda i: 0.0,
+    torch.no_grad()(_plain), torch.no_grad()(_indexed), functools.partial(_indexed, 1),
+    _Closures().method, _Closures().indexed_method, _Closures(), print,
+], ids=lambda c: getattr(c, "__name__", type(c).__name__))
+def test_takes_index_agrees_with_the_signature(closure):
+    """The code-object shortcut answers what inspect.signature does (decorators follow
+    __wrapped__, bound methods drop self, callables use __call__)."""
+    from zo_opt.optimizer import _signature_takes_index, _takes_index
+    assert _takes_index(closure) == _signature_takes_index(closure)
+
+
 def test_step_returns_the_mean_of_the_evaluations():
     p = torch.randn(10)
     values = []
@@ -220,6 +252,32 @@ def test_resume_is_bit_identical(tmp_path, momentum):
     assert torch.isfinite(p).all() and not torch.equal(p, init)
     assert torch.equal(r, p)
     assert second.step_count == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rewinding_the_same_optimizer_replays_its_steps(backend):
+    """A step uploads the next step's seeds ahead; a load_state_dict that moves the step
+    count (or brings another base seed) must not run on those."""
+    p = torch.randn(300)
+    opt = ZOOptimizer([p], lr=1e-2, q=2, seed=4, backend=backend)
+    train(p, opt, 2)
+    at_2 = (p.clone(), opt.state_dict())
+    train(p, opt, 2)
+    after = p.clone()
+    p.copy_(at_2[0])
+    opt.load_state_dict(at_2[1])
+    train(p, opt, 2)
+    assert torch.equal(p, after) and not torch.equal(p, at_2[0])
+
+    other = ZOOptimizer([torch.zeros(300)], lr=1e-2, q=2, seed=5)
+    p.copy_(at_2[0])
+    opt.load_state_dict(other.state_dict())  # base seed 5, step 0
+    train(p, opt, 1)
+    assert opt.last_record.seeds == [noise.direction_seed(5, 0, i) for i in range(2)]
+    replay = at_2[0].clone()
+    zo_opt.functional.zo_update_([replay], opt.last_record.seeds, -1e-2 * opt.last_record.grads / 2,
+                      backend=backend)
+    torch.testing.assert_close(p, replay, rtol=0, atol=1e-5)
 
 
 def test_unseeded_optimizers_draw_distinct_seeds():

@@ -272,10 +272,12 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
         runs = [workloads.timed_step(stepper, closure, forwards, device) for _ in range(reps)]
         step_s = workloads.median([s for s, _ in runs])
         fwd_s = workloads.median([f for _, f in runs])
+        plain = workloads.forward_closure(model, x, y)
+        lead_s = workloads.median([host_lead_s(stepper, plain, device) for _ in range(reps)])
         probe = workloads.probe_closure(params)
         peak = workloads.peak_extra_bytes(lambda: lambda: stepper.step(probe), device)
         rows.append(dict(row, seconds=step_s, forward_s=fwd_s, outside_s=step_s - fwd_s,
-                         outside_share=1 - fwd_s / step_s,
+                         outside_share=1 - fwd_s / step_s, host_lead_s=lead_s,
                          peak_extra_share=peak / workloads.param_bytes(params),
                          sm_mhz=sm_clock_mhz(device)))
         with torch.no_grad():
@@ -293,6 +295,22 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
     del model, params, snapshot
     free(device)
     return rows
+
+
+def host_lead_s(stepper, closure, device) -> float:
+    """Host seconds from ``step()`` to its first closure call, the device idle: the part of
+    an eager step's time outside the forwards that a CUDA graph does not have."""
+    marks = []
+
+    def marked():
+        marks.append(time.perf_counter())
+        return closure()
+
+    workloads.sync(device)
+    start = time.perf_counter()
+    stepper.step(marked)
+    workloads.sync(device)
+    return marks[0] - start
 
 
 def bf16_step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget: Budget) -> list[dict]:
@@ -384,7 +402,9 @@ def table(rows: list[dict], info: dict) -> str:
             "torch.normal per tensor) on the same parameters. Steps: central differences, q "
             "directions = 2q forwards of a float32 GPT-2 (torch defaults: no TF32); time per "
             "step (median), share of it outside the "
-            "forwards (timed with CUDA events inside the closure), speed-up of the step and of "
+            "forwards (timed with CUDA events inside the closure; for eager steps, the host "
+            "time from step() to the first forward, which the GPU waits through), speed-up of "
+            "the step and of "
             "its outside part against the MeZO-style loop, peak memory above the parameters "
             "of a step whose loss reads one element. SM MHz: the SM clock read just after the "
             "row was timed.", "",
@@ -410,8 +430,10 @@ def table(rows: list[dict], info: dict) -> str:
                   if r.get("speedup") else "-")
             peak = (f"{100 * r['peak_extra_share']:.3g}%" if r.get("peak_extra_share") is not None
                     else "-")
+            lead = (f"; host {1e3 * r['host_lead_s']:.2f} ms before the 1st forward"
+                    if r.get("host_lead_s") is not None else "")
             lines.append(f"{start} {time_s} | | | {up} | {100 * r['outside_share']:.1f}% "
-                         f"({1e3 * r['outside_s']:.1f} ms) | {peak} | {mhz} |")
+                         f"({1e3 * r['outside_s']:.1f} ms{lead}) | {peak} | {mhz} |")
     return "\n".join(head + lines) + "\n"
 
 

@@ -74,6 +74,7 @@ class Prepared:
             raise ValueError(f"offsets has {len(offsets)} entries for {len(params)} params")
         self.key = self.layout(params)
         self.params, self.offsets = params, list(offsets)
+        self.has_16bit = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
         work: dict[tuple[str, torch.device], tuple[list, list]] = {}
         for p, o in zip(params, offsets):
             if p.numel():

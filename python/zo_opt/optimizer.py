@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -50,7 +51,17 @@ def _positive_int(name: str, value) -> int:
 
 
 def _takes_index(closure: Callable) -> bool:
-    """A closure with a positional parameter receives the query index."""
+    """A closure with a positional parameter receives the query index. A plain function
+    answers from its code object, as ``inspect.signature`` would, in a twentieth of the time
+    (this runs before every step's first launch)."""
+    if (type(closure) is types.FunctionType and not hasattr(closure, "__wrapped__")
+            and not hasattr(closure, "__signature__")):
+        code = closure.__code__
+        return bool(code.co_argcount or code.co_flags & inspect.CO_VARARGS)
+    return _signature_takes_index(closure)
+
+
+def _signature_takes_index(closure: Callable) -> bool:
     try:
         sig = inspect.signature(closure)
     except (TypeError, ValueError):
@@ -206,6 +217,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._plans: dict[tuple[str, int], Prepared] = {}
         self._layout = None  # (key, groups, devices): see _groups
         self._constants: dict[tuple, torch.Tensor] = {}
+        self._prefetched = None  # (key, seeds, seeds by device) of the next step
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults)
         if self.capturable:
@@ -378,20 +390,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                                       distribution=self.distribution)
                 self._momentum_step(k, ps, offs, seeds[:self.q], c, okd, lr, wd, mu)
                 continue
-            one = torch.ones((), device=dev)
-            alpha = torch.where(okd, one * (1.0 - lr * wd), one)
-            step = torch.where(okd, -lr * c, torch.zeros_like(c))
-            rounding = self.stochastic_rounding and any(
-                p.dtype in (torch.float16, torch.bfloat16) for p in ps)
+            rounding = self.stochastic_rounding and plan.has_16bit
             if self.exact:  # recover theta from the displacement, then decay and step
+                alpha = torch.where(okd, 1.0 - lr * wd, 1.0).reshape(1)
                 self._exact_pass(plan, k, ps, offs,
                                  torch.cat([seeds[disp_index:disp_index + 1], seeds[:self.q + rounding]]),
-                                 torch.cat([alpha.reshape(1), self._constant((disp_scale,), dev), step]),
+                                 torch.cat([alpha, self._constant((disp_scale,), dev),
+                                            torch.where(okd, c * -lr, 0.0)]),
                                  1, encode=False, rounding=rounding)
                 continue
-            # a cached one-hot: an index assignment would copy from the host (not capturable)
-            undo = self._constant(tuple(float(i == disp_index) for i in range(self.q)), dev)
-            scales = torch.cat([alpha.reshape(1), step - alpha * disp_scale * undo])
+            scales = self._update_scales(c, okd, lr, wd, dev)
             if rounding:  # the plain pass with a stochastic-rounding store: n_old = 0
                 codes, table = exact_mod.no_state(dev)
                 plan.exact_pass_(seeds[:self.q + 1], scales, 0, codes, 0, table, encode=False,
@@ -399,6 +407,18 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 plan.noise_axpby_(seeds[:self.q], scales, distribution=self.distribution)
         self._displacement = None
+
+    def _update_scales(self, c: torch.Tensor, ok: torch.Tensor, lr: float, wd: float,
+                       dev: torch.device) -> torch.Tensor:
+        """The scales of the last plain pass: ``alpha * (p - disp) - lr * sum_i c_i z_i``
+        with ``alpha = 1 - lr*wd`` is ``alpha * restore + [0, -lr * c]``, where ``restore =
+        [1, -disp one-hot]`` (a cached constant: an index assignment would copy from the host,
+        which a capture cannot); ``restore`` alone when ``ok`` is False. Four small launches,
+        all on the device."""
+        index, scale = self._displacement
+        restore = self._constant((1.0, *(-scale if i == index else 0.0 for i in range(self.q))), dev)
+        step = torch.add(restore * (1.0 - lr * wd), torch.nn.functional.pad(c, (1, 0)), alpha=-lr)
+        return torch.where(ok, step, restore)
 
     def _momentum_step(self, k, ps, offs, seeds, c, ok, lr, wd, mu) -> None:
         bufs = []
@@ -419,16 +439,35 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _step_seeds(self, devices: set) -> list[int] | torch.Tensor:
         """This step's direction seeds, and ``self._seeds``: them (then the rounding seed,
-        with stochastic rounding) on each of the params' ``devices``."""
-        rounding = self.stochastic_rounding
+        with stochastic rounding) on each of the params' ``devices``; uploaded by the last
+        step when nothing they depend on has changed since (``_prefetch_seeds``)."""
         if self.capturable:
-            seeds = noise.direction_seeds(self.base_seed, self._step_t, self.q, rounding=rounding)
+            seeds = noise.direction_seeds(self.base_seed, self._step_t, self.q,
+                                          rounding=self.stochastic_rounding)
             self._seeds = {seeds.device: seeds}
             return seeds[:self.q]
-        seeds = [noise.direction_seed(self.base_seed, self.step_count, i) for i in range(self.q)]
-        extra = [noise.rounding_seed(self.base_seed, self.step_count)] if rounding else []
-        self._seeds = {d: seeds_on(seeds + extra, d) for d in devices}
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == self._seeds_key(devices):
+            _, seeds, self._seeds = prefetched
+        else:
+            seeds, self._seeds = self._host_seeds(devices)
         return seeds
+
+    def _seeds_key(self, devices: set) -> tuple:
+        return (self.base_seed, self.step_count, self.q, self.stochastic_rounding,
+                frozenset(devices))
+
+    def _host_seeds(self, devices: set) -> tuple[list[int], dict[torch.device, torch.Tensor]]:
+        seeds = [noise.direction_seed(self.base_seed, self.step_count, i) for i in range(self.q)]
+        extra = ([noise.rounding_seed(self.base_seed, self.step_count)]
+                 if self.stochastic_rounding else [])
+        return seeds, {d: seeds_on(seeds + extra, d) for d in devices}
+
+    def _prefetch_seeds(self, devices: set) -> None:
+        """The next step's seeds, made and uploaded while the device still runs this step's
+        last pass: the next step's first launch then waits on no seed work (a GPU idles
+        through the host work a step does before its first launch)."""
+        self._prefetched = (self._seeds_key(devices), *self._host_seeds(devices))
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> torch.Tensor:
@@ -462,13 +501,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count += 1
         if self.capturable:
             self._step_t.add_(1)
+        else:
+            self._prefetch_seeds(devices)
+        mean = losses.mean().float()  # launched before the sync below, not after it
         if self.nonfinite != "skip_silent" and not bool(ok):
             message = (f"ZOOptimizer step {self.step_count - 1}: non-finite loss "
                        f"({losses.tolist()}); parameters restored, update skipped")
             if self.nonfinite == "raise":
                 raise FloatingPointError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)  # the caller of step()
-        return losses.mean().float()
+        return mean
 
     # -- state ------------------------------------------------------------------------------
 
