@@ -320,6 +320,64 @@ def test_nonfinite_loss_skips_with_warning_and_restores(bad):
     assert opt.step_count == 1  # the next step draws fresh directions
 
 
+def test_nonfinite_warning_points_at_the_caller_of_step():
+    p = torch.randn(30)
+    opt = ZOOptimizer([p], q=1, seed=0)
+    with pytest.warns(RuntimeWarning, match="step 0: non-finite") as caught:
+        opt.step(lambda: float("nan"))
+    assert [w.filename for w in caught] == [__file__]
+
+
+def test_deferred_warnings_wait_for_their_flag_and_keep_step_order():
+    from zo_opt.nonfinite import DeferredWarnings
+
+    class Event:  # a CUDA event that has not completed yet
+        done = False
+
+        def query(self):
+            return self.done
+
+    pending, event = DeferredWarnings(), Event()
+    pending._pending.append((7, torch.tensor(False), torch.tensor([float("nan"), 1.0]), event))
+    pending.add(8, torch.tensor(True), torch.tensor([1.0, 2.0]))
+    pending.add(9, torch.tensor(False), torch.tensor([float("inf"), 1.0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pending.warn_arrived()  # step 7's flag is not on the host: nothing, and no wait
+        assert caught == []
+        event.done = True
+        pending.warn_arrived()
+        pending.warn_arrived()  # each step warns once
+    assert [str(w.message).split(":")[0] for w in caught] == ["ZOOptimizer step 7", "ZOOptimizer step 9"]
+
+
+@pytest.mark.gpu
+def test_gpu_skip_step_does_not_wait_and_warns_by_the_next_step():
+    """nonfinite="skip" on a GPU: the step makes no host sync (sync debug mode would raise);
+    its warning comes once the flag is on the host, at the latest from the next step."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    p = torch.randn(1000, device="cuda")
+    opt = ZOOptimizer([p], q=2, seed=0)
+    good = lambda: (p ** 2).sum()  # noqa: E731
+    opt.step(good)
+    opt.step(good)  # warm: tables and constants uploaded
+    before = p.clone()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(lambda: (p ** 2).sum() * float("nan"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        torch.testing.assert_close(p, before, rtol=0, atol=1e-6)
+        opt.step(good)
+    assert [str(w.message).split(":")[0] for w in caught] == ["ZOOptimizer step 2"]
+    assert not torch.equal(p, before)
+
+
 def test_nonfinite_skip_silent_restores_without_warning():
     p = torch.randn(300)
     before = p.clone()

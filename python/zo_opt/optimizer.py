@@ -4,14 +4,13 @@ from __future__ import annotations
 import inspect
 import secrets
 import types
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
-from . import backends, exact as exact_mod, noise
+from . import backends, exact as exact_mod, noise, nonfinite as nonfinite_mod
 from .functional import Prepared, check_params, seeds_on
 
 ESTIMATORS = ("central", "forward")
@@ -147,11 +146,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: 64-bit base seed; ``None`` draws one from the OS (saved in ``state_dict``).
             Direction seeds are ``noise.direction_seed(seed, step, i)``.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
-        nonfinite: what a non-finite loss does: ``"skip"`` restores the parameters and skips
-            the update with a warning (the default); ``"raise"`` restores them and raises
-            FloatingPointError;
-            ``"skip_silent"`` skips on the device with no warning and no host sync
-            (``last_record.finite`` tells), so that a GPU step never waits for the GPU.
+        nonfinite: what a non-finite loss does: ``"skip"`` (the default) restores the
+            parameters and skips the update, with a warning that needs no host sync (on a GPU
+            it comes from a later ``step()`` call, once the step's flag has reached the host:
+            zo_opt/nonfinite.py); ``"raise"`` restores them and raises FloatingPointError (one
+            host sync a step, for the flag); ``"skip_silent"`` skips with no warning
+            (``last_record.finite`` tells).
         exact: restore the parameters bit for bit after each direction (docs/EXACT.md): one
             byte per parameter of codes plus a small side table. ``None`` (the default) turns
             it on when a parameter is float16 or bfloat16, where round-to-nearest drifts
@@ -176,8 +176,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     take one argument, the query index i in ``range(q)`` (both evaluations of direction i get
     the same i, so each direction can use its own mini-batch). Returns the mean of the
     evaluated losses. An exception in the closure restores the parameters before it
-    propagates. No host sync per direction; one per step for the non-finite check, none
-    with ``nonfinite="skip_silent"``.
+    propagates. A step on a GPU does not wait for the GPU (the caller syncs when it reads
+    the loss), except with ``nonfinite="raise"`` and in exact mode, whose side table is sized
+    on the host once a step.
     ``last_record`` holds the :class:`StepRecord` of the last step.
     """
 
@@ -218,6 +219,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._layout = None  # (key, groups, devices): see _groups
         self._constants: dict[tuple, torch.Tensor] = {}
         self._prefetched = None  # (key, seeds, seeds by device) of the next step
+        self._warnings = nonfinite_mod.DeferredWarnings()
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults)
         if self.capturable:
@@ -475,6 +477,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError("ZOOptimizer.step needs a closure that returns the loss, e.g. "
                             "opt.step(lambda: loss_fn(model(x), y)); ZO estimates the gradient "
                             "from loss evaluations, it cannot use .grad")
+        self._warnings.warn_arrived()  # for earlier steps whose flags have reached the host
         self._pass_index = _takes_index(closure)
         self._step_groups, devices = self._groups()
         seeds = self._step_seeds(devices)
@@ -503,13 +506,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._step_t.add_(1)
         else:
             self._prefetch_seeds(devices)
-        mean = losses.mean().float()  # launched before the sync below, not after it
-        if self.nonfinite != "skip_silent" and not bool(ok):
-            message = (f"ZOOptimizer step {self.step_count - 1}: non-finite loss "
-                       f"({losses.tolist()}); parameters restored, update skipped")
-            if self.nonfinite == "raise":
-                raise FloatingPointError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)  # the caller of step()
+        mean = losses.mean().float()
+        if self.nonfinite == "raise" and not bool(ok):  # the step's one host sync
+            raise FloatingPointError(nonfinite_mod.message(self.step_count - 1, losses))
+        if self.nonfinite == "skip":
+            self._warnings.add(self.step_count - 1, ok, losses)
+            self._warnings.warn_arrived()
         return mean
 
     # -- state ------------------------------------------------------------------------------
