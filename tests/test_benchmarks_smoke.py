@@ -236,8 +236,10 @@ def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     impls = {line.split(" | ")[3] for line in table[1:]}
     assert {"copy", "zo-opt[cpu]", "mezo-loop", "old-loop"} <= impls
     assert any(i.startswith("zo-opt[cpu] table: ") for i in impls)  # the side table's row
-    # q=1,2 x (zo-opt[cpu], two loops), then the bf16 step: round to nearest vs exact + SR
-    assert sum("step q=" in line for line in table) == 2 * 3 + 2
+    # q=1,2 x (zo-opt[cpu], its steps back to back, two loops), then the bf16 step: round to
+    # nearest vs exact + SR
+    assert sum("step q=" in line for line in table) == 2 * 4 + 2
+    assert "zo-opt[cpu] back to back" in impls
     assert {"zo-opt[cpu] round to nearest", "zo-opt[cpu] exact + SR"} <= impls
     assert sum("before the 1st forward" in line for line in table) == 2 * 3  # eager f32 steps
     assert any(line.startswith("| 3 passes out and back") and "exact" in line for line in table)
