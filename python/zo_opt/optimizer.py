@@ -177,8 +177,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     the same i, so each direction can use its own mini-batch). Returns the mean of the
     evaluated losses. An exception in the closure restores the parameters before it
     propagates. A step on a GPU does not wait for the GPU (the caller syncs when it reads
-    the loss), except with ``nonfinite="raise"`` and in exact mode, whose side table is sized
-    on the host once a step.
+    the loss), except with ``nonfinite="raise"``, with ``momentum > 0`` (the buffers step only
+    on a finite loss, decided on the host) and in exact mode (its side table is sized on the
+    host): one sync a step.
     ``last_record`` holds the :class:`StepRecord` of the last step.
     """
 
