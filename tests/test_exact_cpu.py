@@ -274,6 +274,7 @@ import sys, torch
 from zo_opt import _extension, exact
 assert _extension.load() is None
 from zo_opt.backends import cpu
+from zo_opt.functional import Prepared
 torch.manual_seed(0)
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -282,6 +283,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         offsets = [2**32, 2**32 + 5120]
         codes = torch.zeros(5120 + 512, dtype=torch.int8)
         table = exact.build_table(p, offsets, exact.tau(1e-3, dist))
+        built = Prepared(p, backend="cpu", offsets=offsets).build_table(exact.tau(1e-3, dist))
+        out += [built.chunk_base.view(torch.uint8), built.bits.view(torch.uint8)]
         run = cpu.BACKEND.prepare_exact(p, offsets)
         run(torch.tensor([3]), torch.tensor([1.0, 1e-3]), 0, codes, 2**32, table, True, False, dist)
         run(torch.tensor([3, 4]), torch.tensor([1.0, 1e-3, -1e-3]), 1, codes, 2**32, table, True, False, dist)
@@ -293,7 +296,8 @@ sys.stdout.write(torch.cat(out).numpy().tobytes().hex())
 
 def test_isa_paths_agree_bit_for_bit():
     """The baseline, AVX2 and (where the CPU has it) AVX-512 clones give the same bits, the
-    Gaussian included: no FMA contraction anywhere, so the same float operations."""
+    Gaussian included: no FMA contraction anywhere, so the same float operations. The side
+    table's two passes too (test_exact_table matches the default clone's with the reference)."""
     outs = {}
     for isa in ("baseline", "avx2", ""):
         env = dict(os.environ, ZO_OPT_CPU_ISA=isa)
