@@ -469,7 +469,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _prefetch_seeds(self, devices: set) -> None:
         """The next step's seeds, made and uploaded while the device still runs this step's
         last pass: the next step's first launch then waits on no seed work (a GPU idles
-        through the host work a step does before its first launch)."""
+        through the host work a step does before its first launch). The copy is on the stream
+        current now; a next step on another stream must wait for this one anyway, for the
+        parameters, and so waits for the copy too."""
         self._prefetched = (self._seeds_key(devices), *self._host_seeds(devices))
 
     @torch.no_grad()
