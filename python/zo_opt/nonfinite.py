@@ -43,7 +43,7 @@ class DeferredWarnings:
             ok_host = ok.to("cpu", non_blocking=True)  # pinned: the copy does not block
             losses_host = losses.to("cpu", non_blocking=True)
             arrived = torch.cuda.Event()
-            arrived.record()
+            arrived.record(torch.cuda.current_stream(ok.device))  # the copies' stream
         else:  # the CPU: already there (another device: a blocking read)
             ok_host, losses_host, arrived = ok.cpu(), losses.cpu(), None
         self._pending.append((step, ok_host, losses_host, arrived))
