@@ -374,7 +374,8 @@ def test_gpu_skip_step_does_not_wait_and_warns_by_the_next_step():
         torch.cuda.synchronize()
         torch.testing.assert_close(p, before, rtol=0, atol=1e-6)
         opt.step(good)
-    assert [str(w.message).split(":")[0] for w in caught] == ["ZOOptimizer step 2"]
+    ours = [str(w.message).split(":")[0] for w in caught if w.category is RuntimeWarning]
+    assert ours == ["ZOOptimizer step 2"]  # (torch warns that the sync debug mode is a prototype)
     assert not torch.equal(p, before)
 
 
