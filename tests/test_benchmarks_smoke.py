@@ -231,7 +231,7 @@ def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
 
     md = driver.main(["--device", "cpu", "--dry-run", "--sweep-s", "5", "--out", str(tmp_path)])
     assert md.name.startswith("gpu-cpu-drivernone-torch") and md.name.endswith("-dry-run.md")
-    text = md.read_text()
+    text, _, profiled = md.read_text().partition("Eager steps under torch.profiler")
     table = [line for line in text.splitlines() if line.startswith("| ")]
     impls = {line.split(" | ")[3] for line in table[1:]}
     assert {"copy", "zo-opt[cpu]", "mezo-loop", "old-loop"} <= impls
@@ -246,6 +246,10 @@ def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     assert "rademacher" in text and "bfloat16" in text
     rows = json.loads(md.with_suffix(".json").read_text())["rows"]
     assert all("seconds" in r or "skipped" in r for r in rows)
+    # one profiled step per eager zo-opt row (q=1, 2): busy within its span, a gap named
+    timelines = [r["timeline"] for r in rows if r.get("timeline")]
+    assert len(timelines) == 2 and profiled.count("| step q=") == 2
+    assert all(0 < t["busy_s"] <= t["span_s"] and t["gaps"] for t in timelines)
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -257,3 +261,14 @@ def test_pass_cycle_goes_out_and_back(exact):
     same = all(torch.equal(p.view(torch.int16), b.view(torch.int16)) for p, b in zip(ps, before))
     moved = max(float((p.float() - b.float()).abs().max()) for p, b in zip(ps, before))
     assert same if exact else moved < 1e-2
+
+
+def test_timeline_merges_overlaps_and_names_the_gaps():
+    from benchmarks.timeline import summarize
+
+    # (start, end, name) in microseconds; the step began at 100
+    t = summarize([(150, 200, "a"), (180, 260, "b"), (300, 310, "c"), (900, 1000, "d")], 100, top=2)
+    assert t.lead_s == pytest.approx(50e-6) and t.span_s == pytest.approx(900e-6)
+    assert t.busy_s == pytest.approx((260 - 150 + 10 + 100) * 1e-6)
+    assert [(round(g * 1e6), name) for g, name in t.gaps] == [(590, "d"), (40, "c")]
+    assert summarize([], 0.0).busy_s == 0.0

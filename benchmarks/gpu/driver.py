@@ -12,14 +12,16 @@ extra memory. The implementations are those of benchmarks/workloads.py (the CPU 
 Timing: passes are timed in batches of back-to-back calls after 0.3 s of warm-up (the clocks
 ramp up; the launches queue ahead of the GPU), CUDA events around each batch, the median of
 5 batches; each row notes the SM clock read just after it. Steps are timed one by one (the
-host's work between passes counts). Graphed steps (``capturable=True``, one CUDA graph per
-step) are timed over replays; their share outside the forwards is the step's time less that
-of a graph of the same 2q forwards alone. Every row stops being measured once
+host's work between passes counts); zo-opt's also run once under torch.profiler (when the
+GPU idles in a step, and before what: benchmarks/timeline.py) and back to back. Graphed
+steps (``capturable=True``, one CUDA graph per step) are timed over replays; their share
+outside the forwards is the step's time less that of a graph of the same 2q forwards alone. Every row stops being measured once
 ``--budget-s`` is spent (the table says which were skipped).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 
 import zo_opt  # noqa: E402
 from zo_opt import exact as zo_exact  # noqa: E402
-from benchmarks import workloads  # noqa: E402
+from benchmarks import timeline, workloads  # noqa: E402
 from benchmarks.gpt2 import GPT2, batch  # noqa: E402
 from benchmarks.shapes import SIZES, GPT2Size, make_params  # noqa: E402
 
@@ -281,6 +283,7 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
                          peak_extra_share=peak / workloads.param_bytes(params),
                          sm_mhz=sm_clock_mhz(device)))
         if impl.startswith("zo-opt["):  # (the loops read each g on the host: they cannot)
+            rows[-1]["timeline"] = dataclasses.asdict(timeline.step_timeline(stepper, plain, device))
             step_s, fwd_s = back_to_back_s(stepper, closure, forwards, device, reps)
             rows.append(dict(row, impl=f"{impl} back to back", seconds=step_s, forward_s=fwd_s,
                              outside_s=step_s - fwd_s, outside_share=1 - fwd_s / step_s,
@@ -454,7 +457,25 @@ def table(rows: list[dict], info: dict) -> str:
                     if r.get("host_lead_s") is not None else "")
             lines.append(f"{start} {time_s} | | | {up} | {100 * r['outside_share']:.1f}% "
                          f"({1e3 * r['outside_s']:.1f} ms{lead}) | {peak} | {mhz} |")
-    return "\n".join(head + lines) + "\n"
+    return "\n".join(head + lines + timeline_lines(rows)) + "\n"
+
+
+def timeline_lines(rows: list[dict]) -> list[str]:
+    """Where each eager step leaves the device idle (one step under torch.profiler)."""
+    rows = [r for r in rows if r.get("timeline")]
+    if not rows:
+        return []
+    lines = ["", "Eager steps under torch.profiler (one step each, after a sync): from step() to "
+             "the device's first kernel, the time it is busy, from step() to its last kernel's "
+             "end, and its longest idle gaps with the kernel that ends each.", "",
+             "| workload | implementation | first kernel after | busy | span | longest gaps |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        t = r["timeline"]
+        gaps = "; ".join(f"{1e3 * g:.2f} ms before {name[:40]}" for g, name in t["gaps"])
+        lines.append(f"| {r['workload']} | {r['impl']} | {1e3 * t['lead_s']:.2f} ms | "
+                     f"{1e3 * t['busy_s']:.2f} ms | {1e3 * t['span_s']:.2f} ms | {gaps} |")
+    return lines
 
 
 def main(argv=None) -> Path:
