@@ -283,7 +283,10 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
                          peak_extra_share=peak / workloads.param_bytes(params),
                          sm_mhz=sm_clock_mhz(device)))
         if impl.startswith("zo-opt["):  # (the loops read each g on the host: they cannot)
-            rows[-1]["timeline"] = dataclasses.asdict(timeline.step_timeline(stepper, plain, device))
+            try:
+                rows[-1]["timeline"] = dataclasses.asdict(timeline.step_timeline(stepper, plain, device))
+            except Exception as e:  # a diagnostic: the row's figures stand without it
+                rows[-1]["timeline_error"] = f"{type(e).__name__}: {e}"[:200]
             step_s, fwd_s = back_to_back_s(stepper, closure, forwards, device, reps)
             rows.append(dict(row, impl=f"{impl} back to back", seconds=step_s, forward_s=fwd_s,
                              outside_s=step_s - fwd_s, outside_share=1 - fwd_s / step_s,
