@@ -294,7 +294,7 @@ def step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget
         with torch.no_grad():
             for p, p0 in zip(params, snapshot):
                 p.data = p0.clone()
-        del stepper, closure
+        stepper = closure = None  # freed before the next implementation
         free(device)
     if torch.device(device).type == "cuda":
         rows += graphed_step_rows(model, x, y, q, label, batch_size, seq, reps, budget)
