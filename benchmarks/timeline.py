@@ -42,6 +42,16 @@ def summarize(activity: list[tuple[float, float, str]], start: float, top: int =
     return Timeline((first - start) * 1e-6, busy * 1e-6, (end - start) * 1e-6, gaps[:top])
 
 
+def _device_work(event) -> bool:
+    """A kernel, copy or fill on the GPU, not a user annotation (a record_function's span,
+    which the profiler also puts on the GPU's timeline). The attributes differ by torch
+    version, hence the defaults."""
+    if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+        return False
+    return ("annotation" not in (getattr(event, "activity_type", None) or "")
+            and not event.name.startswith(STEP))
+
+
 def step_timeline(stepper, closure, device, top: int = 4) -> Timeline:
     """One ``stepper.step(closure)`` under the profiler (after a sync: the device idle)."""
     cuda = torch.device(device).type == "cuda"
@@ -55,7 +65,7 @@ def step_timeline(stepper, closure, device, top: int = 4) -> Timeline:
     events = prof.events()
     steps = [e.time_range.start for e in events if e.name.startswith(STEP)]
     if cuda:
-        mine = [e for e in events if e.device_type == DeviceType.CUDA]
+        mine = [e for e in events if _device_work(e)]
     else:
         mine = [e for e in events if e.name.startswith(("aten::", "zo_opt::"))]
     start = steps[0] if steps else min((e.time_range.start for e in events), default=0.0)

@@ -272,3 +272,22 @@ def test_timeline_merges_overlaps_and_names_the_gaps():
     assert t.busy_s == pytest.approx((260 - 150 + 10 + 100) * 1e-6)
     assert [(round(g * 1e6), name) for g, name in t.gaps] == [(590, "d"), (40, "c")]
     assert summarize([], 0.0).busy_s == 0.0
+
+
+def test_timeline_counts_kernels_not_annotations():
+    """The profiler puts a record_function's span on the GPU timeline too: it is not work."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.timeline import _device_work
+
+    def event(name, device, **kw):
+        return SimpleNamespace(name=name, device_type=device, **kw)
+
+    assert _device_work(event("noise_axpby_kernel", DeviceType.CUDA, activity_type="kernel"))
+    assert _device_work(event("Memcpy HtoD", DeviceType.CUDA))  # an older torch: no such fields
+    assert not _device_work(event("aten::add", DeviceType.CPU))
+    assert not _device_work(event("Optimizer.step#ZOOptimizer.step", DeviceType.CUDA,
+                                  activity_type="gpu_user_annotation"))
+    assert not _device_work(event("zo_bench::measured", DeviceType.CUDA, is_user_annotation=True))
