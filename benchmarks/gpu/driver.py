@@ -15,8 +15,9 @@ ramp up; the launches queue ahead of the GPU), CUDA events around each batch, th
 host's work between passes counts); zo-opt's also run once under torch.profiler (when the
 GPU idles in a step, and before what: benchmarks/timeline.py) and back to back. Graphed
 steps (``capturable=True``, one CUDA graph per step) are timed over replays; their share
-outside the forwards is the step's time less that of a graph of the same 2q forwards alone. Every row stops being measured once
-``--budget-s`` is spent (the table says which were skipped).
+outside the forwards is the step's time less that of a graph of the same 2q forwards alone.
+Every row stops being measured once ``--budget-s`` is spent (the table says which were
+skipped).
 """
 from __future__ import annotations
 

@@ -132,8 +132,7 @@ ZO_INLINE void esc_masks_scalar(const int8_t* codes, int64_t groups, uint64_t* m
     for (int w = 0; w < 8; ++w) {
       uint64_t word;
       std::memcpy(&word, codes + 64 * i + 8 * w, 8);
-      // the 0x80 bits of esc_bytes, one per byte, gathered into the top byte by the multiply
-      m |= (((esc_bytes(word) >> 7) * 0x0102040810204080ULL) >> 56) << (8 * w);
+      m |= byte_bits(esc_bytes(word) >> 7) << (8 * w);
     }
     masks[i] = m;
   }

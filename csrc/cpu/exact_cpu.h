@@ -48,6 +48,11 @@ ZO_INLINE float abs_f(float f) { return zo::bits_to_float(zo::float_to_bits(f) &
 ZO_INLINE bool is_nan(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) > 0x7f800000u; }
 ZO_INLINE bool is_finite(float f) { return (zo::float_to_bits(f) & 0x7fffffffu) < 0x7f800000u; }
 
+// Bit i of the result: byte i of w, for a word whose bytes are each 0 or 1. The multiply
+// gathers them into its top byte, in byte order and without carries (the ESC masks of the
+// exact pass and the special-element masks of the side table's fill).
+ZO_INLINE uint64_t byte_bits(uint64_t w) { return (w * 0x0102040810204080ULL) >> 56; }
+
 // EXACT.md special(theta): !(|theta| >= tau) || |theta| > max / 2 (NaN fails the first).
 template <class D>
 ZO_INLINE uint32_t is_special(uint32_t bits, float tau) {

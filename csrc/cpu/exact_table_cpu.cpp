@@ -50,14 +50,13 @@ ZO_INLINE void count_item(const TableItem& it, float tau, int32_t* counts) {
   }
 }
 
-// Bit e of the result: flag byte f[e] (0 or 1) of the 64 at f. The multiply gathers the low
-// bit of each byte of a word into its top byte, in byte order (exact_cpu.cpp's ESC masks).
+// Bit e of the result: flag byte f[e] (0 or 1) of the 64 at f.
 ZO_INLINE uint64_t flag_mask(const uint8_t* f) {
   uint64_t m = 0;
   for (int w = 0; w < 8; ++w) {
     uint64_t word;
     std::memcpy(&word, f + 8 * w, 8);
-    m |= ((word * 0x0102040810204080ULL) >> 56) << (8 * w);
+    m |= byte_bits(word) << (8 * w);
   }
   return m;
 }
