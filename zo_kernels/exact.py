@@ -35,13 +35,16 @@ CHUNK = 128
 ESC = -128
 # (BLOCK, num_warps) of the exact kernel. An element keeps about ten 32-bit values live (x,
 # s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element tiles
-# ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM; at
-# 2048 the variants compile_check reports take 63-82 uncapped under Triton 3.7 (up to 121
-# under 3.6). benchmarks/gpu/driver.py --sweep-s times the others.
-CONFIG = (2048, 8)
+# ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM. At 8
+# elements a thread the variants compile_check reports take 63-82 uncapped under Triton 3.7
+# (up to 121 under 3.6). Of the sweep's pairs (benchmarks/gpu/driver.py --sweep-s, H200,
+# 124M), 1024-element tiles of 4 warps ran the three-pass cycle 8-12% faster than 2048 x 8
+# in float32 and bfloat16, Gaussian and Rademacher, and fastest of all but in bfloat16
+# Rademacher (2048 x 4, 8% faster again).
+CONFIG = (1024, 4)
 # Passes that encode (the first, and the 2q - 1 middle ones of a step) launch capped at 80
-# registers: three 256-thread blocks an SM and no spills on Triton 3.6 to 3.9, where 3.6 took
-# 90-119 in the float32 and bfloat16 middle passes (two blocks). The last pass runs uncapped:
+# registers: six 128-thread blocks an SM and no spills on Triton 3.6 to 3.9, where 3.6 took
+# 90-119 in the float32 and bfloat16 middle passes. The last pass runs uncapped:
 # under the cap 3.6 spills 8 bytes in its bfloat16 Rademacher variant.
 ENCODE_MAXNREG = 80
 
