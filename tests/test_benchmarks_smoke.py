@@ -226,6 +226,25 @@ def test_gpu_driver_sweep_under_the_interpreter():
     assert noise_axpby.TUNED == {} and exact.CONFIG == config
 
 
+def test_gpu_driver_caps_under_the_interpreter():
+    """The rows of --caps-s: the plain pass at each register cap per distribution, timed
+    against the copy, and MAXNREG left as it was."""
+    from benchmarks.gpu import driver
+
+    pytest.importorskip("triton")
+    from zo_kernels import noise_axpby
+
+    if not noise_axpby.INTERPRETED:
+        pytest.skip("a GPU is here: the driver's real run times the caps on it")
+    caps, table = driver.CAPS[:2], dict(noise_axpby.MAXNREG)
+    micro = GPT2Size("micro", 32, 1, 1, 32, vocab=128)
+    rows = driver.cap_rows(micro, "cpu", 1, driver.Budget(600), caps, ("float32",))
+    assert len(rows) == 2 * len(caps)  # distributions x caps
+    assert all(r["seconds"] > 0 and r["pct_copy"] > 0 for r in rows)
+    assert {r["impl"] for r in rows} == {f"zo-opt[triton] maxnreg={c}" for c in caps}
+    assert noise_axpby.MAXNREG == table
+
+
 def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     from benchmarks.gpu import driver
 

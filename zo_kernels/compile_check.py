@@ -52,11 +52,12 @@ def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSo
 
 
 def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
+    options = noise_axpby.launch_options("rademacher" if rademacher else "gaussian",
+                                         ELEMENT_BYTES[dtype], plain_config(aligned)[1])
     compiled = triton.compile(source(dtype, rademacher, aligned), target=GPUTarget("cuda", arch, 32),
-                              options=noise_axpby.launch_options(rademacher, ELEMENT_BYTES[dtype],
-                                                                 plain_config(aligned)[1]))
+                              options=options)
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
-            **summary(compiled)}
+            "maxnreg": options["maxnreg"], **summary(compiled)}
 
 
 def summary(compiled) -> dict:

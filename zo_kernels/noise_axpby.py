@@ -35,18 +35,22 @@ NUM_WARPS = 8
 TUNED: dict[tuple[torch.dtype, str], tuple[int, int]] = {}
 
 
-# Rademacher passes are bound by memory, so resident warps count for more than registers:
-# float32 ones capped at 80 fit three 256-thread blocks an SM where they took 99 registers
-# (two), with no spills (ptxas sm_90, Triton 3.6 to 3.9). 16-bit ones run uncapped: under the
-# cap Triton 3.7 took 72 where it takes 64 (four blocks), and at 64 Triton 3.8 spills.
-# Gaussian passes would spill under 80 (115-121 registers, two blocks).
-RADEMACHER_FLOAT32_MAXNREG = 80
+# maxnreg of the plain pass per (distribution, element size); None: uncapped. A cap trades
+# registers for resident warps (ptxas sm_90; H200 timings: driver.py --caps-s, results of
+# 2026-11-29). float32 Rademacher passes, bound by memory, capped at 80 fit three 256-thread
+# blocks an SM where they took 99 registers (two), no spills on Triton 3.6 to 3.9. 16-bit
+# Gaussian ones, bound by instruction issue, take 92-117; at 80 (three blocks) Triton 3.6
+# spills 128 bytes and still ran 9% faster (35% -> 38% of copy; 3.8 does not spill, 3.9 spills
+# 92). 16-bit Rademacher passes ran alike at every cap (68-69% of copy), and float32 Gaussian
+# ones were no faster capped: both stay uncapped.
+MAXNREG: dict[tuple[str, int], int | None] = {("rademacher", 4): 80, ("gaussian", 2): 80}
+# A capped variant may spill up to this many bytes a thread (tests/test_triton_backend.py).
+CAP_SPILL_BYTES = 128
 
 
-def launch_options(rademacher: bool, element_size: int, warps: int) -> dict:
+def launch_options(distribution: str, element_size: int, warps: int) -> dict:
     """The compile options of a plain-pass launch (compile_check compiles with the same)."""
-    capped = rademacher and element_size == 4
-    return {"num_warps": warps, "maxnreg": RADEMACHER_FLOAT32_MAXNREG if capped else None}
+    return {"num_warps": warps, "maxnreg": MAXNREG.get((distribution, element_size))}
 
 
 # Tiles that do not start 16-byte aligned (views into a shared buffer) take a scalar address
@@ -400,4 +404,5 @@ def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
             RADEMACHER=rademacher, ALIGNED=table.aligned,
             VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=block,
-            **launch_options(rademacher, params[0].element_size(), warps))
+            **launch_options("rademacher" if rademacher else "gaussian", params[0].element_size(),
+                             warps))

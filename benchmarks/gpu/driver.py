@@ -208,6 +208,52 @@ def sweep_rows(size, device, reps: int, budget: Budget, configs=SWEEP,
     return rows
 
 
+CAPS = (None, 80, 64, 48)  # 256-thread blocks an SM: 65536 registers / (cap * 256)
+
+
+def cap_rows(size, device, reps: int, budget: Budget, caps=CAPS,
+             dtypes=tuple(DTYPES)) -> list[dict]:
+    """The Triton plain pass at each register cap (maxnreg) of ``caps``, per dtype and
+    distribution, as % of copy: a cap trades registers for resident warps (the best goes into
+    zo_kernels.noise_axpby.MAXNREG)."""
+    from zo_kernels import noise_axpby
+
+    label = size if isinstance(size, str) else size.name
+    rows = []
+    for dtype_name in dtypes:
+        params = make_params(size, DTYPES[dtype_name], device)
+        key_size = params[0].element_size()
+        copy = workloads.median(workloads.time_fn(workloads.make_pass("copy", params), device,
+                                                  warmup=3, reps=reps))
+        for dist in ("gaussian", "rademacher"):
+            key = (dist, key_size)
+            timed = []
+            for cap in caps:
+                row = dict(kind="pass", workload=f"caps {label}: plain pass", dtype=dtype_name,
+                           distribution=dist, impl=f"zo-opt[triton] maxnreg={cap}")
+                if not budget.left():
+                    rows.append(dict(row, skipped="time budget spent"))
+                    continue
+                saved = dict(noise_axpby.MAXNREG)
+                noise_axpby.MAXNREG[key] = cap
+                try:
+                    fn = workloads.make_pass("zo-opt[triton]", params, dist)
+                    t = workloads.median(workloads.time_fn(fn, device, warmup=3, reps=reps))
+                finally:
+                    noise_axpby.MAXNREG.clear()
+                    noise_axpby.MAXNREG.update(saved)
+                timed.append(dict(row, seconds=t, gbps=2 * workloads.param_bytes(params) / t / 1e9,
+                                  pct_copy=copy / t, sm_mhz=sm_clock_mhz(device)))
+                rows.append(timed[-1])
+            if timed:
+                best = min(timed, key=lambda r: r["seconds"])
+                print(f"[driver] caps {dtype_name} {dist}: best {best['impl']} "
+                      f"({100 * best['pct_copy']:.0f}% of copy)", flush=True)
+        del params
+        free(device)
+    return rows
+
+
 def exact_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[dict]:
     """Three passes out and back (+eps z, -eps z, theta), plain vs exact, per backend; and the
     per-step cost of building the exact mode's side table. GB/s counts the three passes'
@@ -499,6 +545,9 @@ def main(argv=None) -> Path:
     ap.add_argument("--sweep-s", type=float, default=0.0,
                     help="first spend up to this many seconds of the budget timing the Triton "
                          "kernels at each (BLOCK, num_warps) of SWEEP (0: no sweep)")
+    ap.add_argument("--caps-s", type=float, default=0.0,
+                    help="then up to this many seconds timing the Triton plain pass at each "
+                         "register cap of CAPS (0: none)")
     args = ap.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device visible; use --device cpu --dry-run to check the logic")
@@ -516,6 +565,11 @@ def main(argv=None) -> Path:
         t0 = time.monotonic()
         rows += sweep_rows(step_size, args.device, reps, Budget(min(args.sweep_s, args.budget_s)))
         print(f"[driver] sweep: {time.monotonic() - t0:.1f} s", flush=True)
+    if args.caps_s > 0 and "triton" in workloads.zo_backends(args.device):
+        t0 = time.monotonic()
+        rows += cap_rows(step_size, args.device, reps, Budget(min(args.caps_s, args.budget_s)),
+                         dtypes=args.dtypes.split(","))
+        print(f"[driver] caps: {time.monotonic() - t0:.1f} s", flush=True)
     for size in sizes:
         for dtype in args.dtypes.split(","):
             t0 = time.monotonic()
