@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, _philox, _rademacher_tile, load_tile, quad_tile, rn_bf16_bits,
+from .noise_axpby import (DTYPES, _philox, load_tile, quad_tile, rademacher_signs, rn_bf16_bits,
                           row_counters, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
@@ -130,7 +130,7 @@ def _z_tile(seed, j, RADEMACHER: tl.constexpr, WIDTH: tl.constexpr):
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     if RADEMACHER:
-        return _rademacher_tile(k0, k1, j, 1)
+        return (rademacher_signs(k0, k1, j, 1) | 0x3F800000).to(tl.float32, bitcast=True)  # +-1.0
     else:
         return quad_tile(k0, k1, j, WIDTH, True)
 

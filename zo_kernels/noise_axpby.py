@@ -191,9 +191,12 @@ def _quads(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr):
 
 
 @triton.jit
-def _rademacher_tile(k0, k1, j, SPLIT: tl.constexpr):
-    """z of the 128-element rows with counters j (row r: global indices 128 j[r] ..): bit b
-    of a row is bit (b & 31) of its counter's word b >> 5. SPLIT 1: a [R, 128] tile.
+def rademacher_signs(k0, k1, j, SPLIT: tl.constexpr):
+    """The signs of z in the 128-element rows with counters j (row r: global indices
+    128 j[r] ..), as uint32 with bit 31 set where z = -1 and no other bit: bit b of a row
+    is bit (b & 31) of its counter's word b >> 5, and z = +1 where it is set. A scale takes
+    its sign from them by one xor (signed), where a float z took a conversion an element
+    (I2F, a quarter-rate instruction on sm_90) and a multiply. SPLIT 1: a [R, 128] tile.
     SPLIT > 1: [SPLIT, R, 128/SPLIT] ([R, SPLIT, 128/SPLIT] with ROWS_FIRST), where element
     (v, r, c) is bit v*128/SPLIT + c of row r; a thread then holds the slices v of one row
     (see LANES) and makes one Philox call where it would make one per slice."""
@@ -210,8 +213,13 @@ def _rademacher_tile(k0, k1, j, SPLIT: tl.constexpr):
              + tl.arange(0, 128 // SPLIT)[None, None, :])
         w0, w1, w2, w3 = w0[None, :, None], w1[None, :, None], w2[None, :, None], w3[None, :, None]
     word = tl.where(b < 64, tl.where(b < 32, w0, w1), tl.where(b < 96, w2, w3))
-    bit = (word >> (b & 31).to(tl.uint32)) & 1
-    return bit.to(tl.float32) * 2.0 - 1.0
+    return ((word << (31 - (b & 31)).to(tl.uint32)) & 0x80000000) ^ 0x80000000
+
+
+@triton.jit
+def signed(c, signs):
+    """c * z for Rademacher z given by its signs (rademacher_signs): exact, as the product is."""
+    return (c.to(tl.uint32, bitcast=True) ^ signs).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -267,9 +275,12 @@ def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.con
     start = ptr_origin + slot0
     if ALIGNED:
         start = tl.multiple_of(start, VEC)
-    slot = slot0 + idx
-    mask = (slot >= lo) & (slot < hi)
-    interior = (slot0 >= lo) & (slot0 + BLOCK <= hi)  # no mask: vector loads and stores
+    # The tensor's slots relative to the tile, clamped to it: 32-bit compares an element (64-bit
+    # ones took two instructions each, which ptxas put before the load of ptr_origin).
+    lo_in = tl.minimum(tl.maximum(lo - slot0, 0), BLOCK).to(tl.int32)
+    hi_in = tl.minimum(tl.maximum(hi - slot0, 0), BLOCK).to(tl.int32)
+    mask = (idx >= lo_in) & (idx < hi_in)
+    interior = (lo_in == 0) & (hi_in == BLOCK)  # no mask: vector loads and stores
     return base_ptr + start + idx, idx, mask, interior, g_origin + slot0, hi - slot0
 
 
@@ -332,7 +343,7 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
         k1 = (seed >> 32).to(tl.uint32)
         c = tl.load(scales_ptr + 1 + i)
         if RADEMACHER:
-            acc += c * _rademacher_tile(k0, k1, j, SPLIT)
+            acc += signed(c, rademacher_signs(k0, k1, j, SPLIT))
         else:
             acc += c * quad_tile(k0, k1, j, WIDTH, True)
     out = _round_to(tl.load(scales_ptr) * x.to(tl.float32) + acc, base_ptr.dtype.element_ty)
