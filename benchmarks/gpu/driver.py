@@ -387,7 +387,10 @@ def host_lead_s(stepper, closure, device) -> float:
 
 def bf16_step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, budget: Budget) -> list[dict]:
     """A bfloat16 GPT-2 step per GPU backend, round-to-nearest vs exact restore + stochastic
-    rounding (the default for 16-bit weights): what exact mode costs a whole step."""
+    rounding (the default for 16-bit weights): what exact mode costs a whole step. The two
+    optimizers' steps alternate, so that a drift in the forwards' speed reaches both alike (one
+    H200 run timed its first bfloat16 rows' forwards 1.5-2.4x slower than a rerun did; the
+    cause was not found)."""
     label = size if isinstance(size, str) else size.name
     model = GPT2(size, torch.bfloat16, device)
     x, y = batch(size, batch_size, seq, device)
@@ -395,30 +398,35 @@ def bf16_step_rows(size, q: int, batch_size: int, seq: int, device, reps: int, b
     snapshot = [p.detach().clone() for p in params]
     rows = []
     for backend in [b for b in workloads.zo_backends(device) if b != "torch"]:
-        for exact in (False, True):
-            row = dict(kind="step", workload=f"step q={q}, GPT-2 {label} bf16 fwd {batch_size}x{seq}",
-                       dtype="bfloat16", distribution="gaussian", q=q,
-                       impl=f"zo-opt[{backend}] " + ("exact + SR" if exact else "round to nearest"))
-            if not budget.left():
-                rows.append(dict(row, skipped="time budget spent"))
-                continue
-            opt = zo_opt.ZOOptimizer(params, lr=workloads.LR, q=q, eps=workloads.EPS,
-                                     seed=workloads.SEED, backend=backend, exact=exact,
-                                     stochastic_rounding=exact)
-            forwards = workloads.Clock(device)
-            closure = workloads.forward_closure(model, x, y, forwards)
-            workloads.timed_step(opt, closure, forwards, device)  # warm-up
-            runs = [workloads.timed_step(opt, closure, forwards, device) for _ in range(reps)]
-            step_s = workloads.median([s for s, _ in runs])
-            fwd_s = workloads.median([f for _, f in runs])
-            rows.append(dict(row, seconds=step_s, forward_s=fwd_s, outside_s=step_s - fwd_s,
-                             outside_share=1 - fwd_s / step_s, peak_extra_share=None,
-                             sm_mhz=sm_clock_mhz(device)))
-            with torch.no_grad():
-                for p, p0 in zip(params, snapshot):
-                    p.copy_(p0)
-            del opt, closure
-            free(device)
+        row = dict(kind="step", workload=f"step q={q}, GPT-2 {label} bf16 fwd {batch_size}x{seq}",
+                   dtype="bfloat16", distribution="gaussian", q=q)
+        names = {False: f"zo-opt[{backend}] round to nearest", True: f"zo-opt[{backend}] exact + SR"}
+        if not budget.left():
+            rows += [dict(row, impl=name, skipped="time budget spent") for name in names.values()]
+            continue
+        forwards = workloads.Clock(device)
+        closure = workloads.forward_closure(model, x, y, forwards)
+        opts = {exact: zo_opt.ZOOptimizer(params, lr=workloads.LR, q=q, eps=workloads.EPS,
+                                          seed=workloads.SEED, backend=backend, exact=exact,
+                                          stochastic_rounding=exact)
+                for exact in names}
+        runs = {exact: [] for exact in names}
+        for rep in range(reps + 1):  # the first round warms up
+            for exact, opt in opts.items():
+                timed = workloads.timed_step(opt, closure, forwards, device)
+                if rep:
+                    runs[exact].append(timed)
+        for exact, name in names.items():
+            step_s = workloads.median([s for s, _ in runs[exact]])
+            fwd_s = workloads.median([f for _, f in runs[exact]])
+            rows.append(dict(row, impl=name, seconds=step_s, forward_s=fwd_s,
+                             outside_s=step_s - fwd_s, outside_share=1 - fwd_s / step_s,
+                             peak_extra_share=None, sm_mhz=sm_clock_mhz(device)))
+        with torch.no_grad():
+            for p, p0 in zip(params, snapshot):
+                p.copy_(p0)
+        del opts, closure
+        free(device)
     del model, params, snapshot
     free(device)
     return rows

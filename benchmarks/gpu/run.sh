@@ -6,6 +6,8 @@
 #   BUDGET_S=60 benchmarks/gpu/run.sh "$OUT" --sizes 124M  # a shorter first look
 #   BUDGET_S=200 benchmarks/gpu/run.sh "$OUT" --sweep-s 60  # first, up to 60 s of the budget:
 #                                   # the Triton kernels at each (BLOCK, num_warps) of driver.SWEEP
+#   BUDGET_S=200 benchmarks/gpu/run.sh "$OUT" --caps-s 60  # the Triton plain pass at each
+#                                   # register cap of driver.CAPS
 #
 # Expects python3 with a CUDA torch, triton, pytest and pytest-benchmark already installed
 # (PYTHON=... to pick another interpreter). Leaves the card's settings alone.
