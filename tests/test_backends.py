@@ -149,6 +149,33 @@ def test_auto_picks_the_cpu_backend_when_built():
     assert backends.resolve("auto", t.double()).name == "torch"  # float64: reference only
 
 
+def test_auto_on_cuda_tensors_picks_per_distribution(monkeypatch):
+    """On CUDA tensors auto tries triton first for Gaussian passes and cuda first for
+    Rademacher ones (AUTO_ORDER: the faster of each on the H200), and falls back to the other,
+    then to torch. Stand-in backends and tensor: no GPU is needed to check the choice."""
+    from types import SimpleNamespace
+
+    def fake(name, ok=True):
+        return SimpleNamespace(name=name, supports=lambda t: True,
+                               unavailable_reason=lambda: None if ok else "not here")
+
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(backends, "BACKENDS", {"torch": fake("torch"), "cpu": fake("cpu"),
+                                               "triton": fake("triton"), "cuda": fake("cuda")})
+    assert backends.resolve("auto", on_gpu, "gaussian").name == "triton"
+    assert backends.resolve("auto", on_gpu, "rademacher").name == "cuda"
+    assert backends.resolve("auto", on_gpu).name == "triton"  # Gaussian: the default
+    backends.BACKENDS["triton"] = fake("triton", ok=False)
+    assert backends.resolve("auto", on_gpu, "gaussian").name == "cuda"
+    backends.BACKENDS["cuda"] = fake("cuda", ok=False)
+    assert backends.resolve("auto", on_gpu, "rademacher").name == "torch"
+
+
+def test_prepared_rejects_an_unknown_distribution():
+    with pytest.raises(ValueError, match="distribution"):
+        zo_opt.functional.Prepared([torch.zeros(4)], distribution="uniform")
+
+
 def test_availability_is_reported_with_reasons():
     available, missing = zo_opt.available_backends(), zo_opt.unavailable_backends()
     assert "torch" in available

@@ -254,6 +254,18 @@ def cuda():
     return backend
 
 
+@pytest.mark.gpu
+def test_auto_picks_triton_for_gaussian_and_cuda_for_rademacher(cuda):
+    if "triton" not in zo_opt.available_backends():
+        pytest.skip("triton is not available here")
+    t = torch.zeros(4, device="cuda")
+    assert backends.resolve("auto", t, "gaussian").name == "triton"
+    assert backends.resolve("auto", t, "rademacher").name == "cuda"
+    for distribution, name in (("gaussian", "triton"), ("rademacher", "cuda")):
+        plan = zo_opt.functional.Prepared([t], distribution=distribution)
+        assert [b.name for b, *_ in plan.work] == [name]
+
+
 def call(backend, params, seeds, scales, distribution, base=0):
     offsets = [base + o for o in noise.offsets([p.numel() for p in params])]
     scales = torch.tensor(scales, dtype=torch.float32, device=params[0].device)

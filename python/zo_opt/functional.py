@@ -61,13 +61,17 @@ class Prepared:
     multi-tensor tables are done here, once; :meth:`noise_axpby_` then costs one launch per
     (backend, device, dtype) and no work per tensor. The tables hold the tensors' addresses:
     :meth:`matches` says whether ``params`` still live where they did (``p.data = ...``
-    moves them), and a caller prepares again when they do not.
+    moves them), and a caller prepares again when they do not. ``distribution`` is the one
+    the passes will mostly draw: ``backend="auto"`` picks the backend for it
+    (``backends.AUTO_ORDER``); passes of the other still run, on that backend.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], *, backend: str = "auto",
-                 offsets: Sequence[int] | None = None, base_offset: int = 0):
+                 offsets: Sequence[int] | None = None, base_offset: int = 0,
+                 distribution: str = "gaussian"):
         params = check_params(params)
         backends.check_name(backend)
+        noise.check_distribution(distribution)
         if offsets is None:
             offsets = [base_offset + o for o in noise.offsets([p.numel() for p in params])]
         elif len(offsets) != len(params):
@@ -78,7 +82,8 @@ class Prepared:
         work: dict[tuple[str, torch.device], tuple[list, list]] = {}
         for p, o in zip(params, offsets):
             if p.numel():
-                ps, os_ = work.setdefault((backends.resolve(backend, p).name, p.device), ([], []))
+                name = backends.resolve(backend, p, distribution).name
+                ps, os_ = work.setdefault((name, p.device), ([], []))
                 ps.append(p)
                 os_.append(o)
         self.work = [(backends.BACKENDS[name], device, ps, os_)
@@ -143,8 +148,8 @@ def noise_axpby_(params: Sequence[torch.Tensor], seeds: Sequence[int], scales: S
     """
     seeds = [noise.check_seed(s) for s in seeds]
     noise.check_distribution(distribution)
-    Prepared(params, backend=backend, offsets=offsets,
-             base_offset=base_offset).noise_axpby_(seeds, scales, distribution=distribution)
+    Prepared(params, backend=backend, offsets=offsets, base_offset=base_offset,
+             distribution=distribution).noise_axpby_(seeds, scales, distribution=distribution)
 
 
 def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
@@ -179,7 +184,7 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Sca
                      base_offset=base_offset)
         return
     seeds = [noise.check_seed(s) for s in seeds] + [noise.check_seed(rounding_seed)]
-    plan = Prepared(params, backend=backend, base_offset=base_offset)
+    plan = Prepared(params, backend=backend, base_offset=base_offset, distribution=distribution)
     for device, _ in plan.runners:
         codes, table = exact.no_state(device)
         plan.exact_pass_(seeds_on(seeds, device), _scales_on(scales, device), 0, codes, 0,

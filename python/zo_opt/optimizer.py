@@ -265,7 +265,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         when a tensor moved (``p.data = ...``) or the group changed."""
         plan = self._plans.get((kind, k))
         if plan is None or not plan.matches(tensors):
-            plan = self._plans[(kind, k)] = Prepared(tensors, backend=self.backend, offsets=offsets)
+            plan = self._plans[(kind, k)] = Prepared(tensors, backend=self.backend, offsets=offsets,
+                                                     distribution=self.distribution)
         return plan
 
     def _groups(self) -> tuple[list, set]:
