@@ -204,10 +204,12 @@ def test_report_rejects_other_json(tmp_path):
 
 # -- the GPU driver ---------------------------------------------------------------------------
 
-def test_gpu_driver_sweep_under_the_interpreter():
+def test_gpu_driver_sweep_under_the_interpreter(monkeypatch):
     """The rows of --sweep-s: each (BLOCK, num_warps) per dtype and distribution, timed against the
-    copy, and TUNED and the exact kernel's CONFIG left as they were (the interpreter stands in
-    for the GPU: two pairs, one dtype, a 20K-parameter model, to keep it short)."""
+    copy, the plain pass launched at each pair while it is timed (the first version restored
+    TUNED before timing, so every row timed the default pair), and TUNED and the exact kernel's
+    CONFIG left as they were (the interpreter stands in for the GPU: two pairs, one dtype, a
+    20K-parameter model, to keep it short)."""
     from benchmarks.gpu import driver
 
     pytest.importorskip("triton")
@@ -217,12 +219,20 @@ def test_gpu_driver_sweep_under_the_interpreter():
         pytest.skip("a GPU is here: the driver's real run sweeps on it")
     from zo_kernels import exact
 
+    launched, launch = set(), noise_axpby._launch
+
+    def recorded(*args):
+        launched.add(args[-2:])  # (BLOCK, num_warps)
+        return launch(*args)
+
+    monkeypatch.setattr(noise_axpby, "_launch", recorded)
     configs, config = driver.SWEEP[:2], exact.CONFIG
     micro = GPT2Size("micro", 32, 1, 1, 32, vocab=128)
     rows = driver.sweep_rows(micro, "cpu", 1, driver.Budget(600), configs, ("bfloat16",))
     assert len(rows) == 2 * 2 * len(configs)  # distributions x (plain, exact)
     assert all(r["seconds"] > 0 and r["pct_copy"] > 0 for r in rows)
     assert {r["impl"] for r in rows} == {f"zo-opt[triton] BLOCK={b} warps={w}" for b, w in configs}
+    assert set(configs) <= launched
     assert noise_axpby.TUNED == {} and exact.CONFIG == config
 
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -154,6 +155,7 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
 
 
 SWEEP = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+CAPS = (None, 80, 64, 48)  # 256-thread blocks an SM: 65536 registers / (cap * 256)
 
 
 def sweep_rows(size, device, reps: int, budget: Budget, configs=SWEEP,
@@ -163,52 +165,17 @@ def sweep_rows(size, device, reps: int, budget: Budget, configs=SWEEP,
     zo_kernels.noise_axpby.TUNED) and the exact pass cycle (zo_kernels.exact.CONFIG)."""
     from zo_kernels import exact as exact_kernels, noise_axpby
 
-    def plain(params, dist, config):
+    def variants(params, dist):
         key = (params[0].dtype, dist)
-        noise_axpby.TUNED[key] = config
-        try:
-            return 1, workloads.make_pass("zo-opt[triton]", params, dist)
-        finally:
-            noise_axpby.TUNED.pop(key)
+        plain = [(f"BLOCK={b} warps={w}", 1, mock.patch.dict(noise_axpby.TUNED, {key: (b, w)}),
+                  lambda: workloads.make_pass("zo-opt[triton]", params, dist)) for b, w in configs]
+        # the exact runner reads CONFIG on its first pass
+        cycle = [(f"BLOCK={b} warps={w}", 3, mock.patch.object(exact_kernels, "CONFIG", (b, w)),
+                  lambda: workloads.make_pass_cycle("triton", params, dist, exact=True))
+                 for b, w in configs]
+        return (("plain pass", plain), ("exact 3-pass cycle", cycle))
 
-    def cycle(params, dist, config):  # the exact runner reads CONFIG on its first pass
-        return 3, workloads.make_pass_cycle("triton", params, dist, exact=True)
-
-    label = size if isinstance(size, str) else size.name
-    rows = []
-    for dtype_name in dtypes:
-        params = make_params(size, DTYPES[dtype_name], device)
-        nbytes = 2 * workloads.param_bytes(params)
-        copy = workloads.median(workloads.time_fn(workloads.make_pass("copy", params), device,
-                                                  warmup=3, reps=reps))
-        for dist in ("gaussian", "rademacher"):
-            for kind, make in (("plain pass", plain), ("exact 3-pass cycle", cycle)):
-                timed = []
-                for block, warps in configs:
-                    row = dict(kind="pass", workload=f"sweep {label}: {kind}", dtype=dtype_name,
-                               distribution=dist, impl=f"zo-opt[triton] BLOCK={block} warps={warps}")
-                    if not budget.left():
-                        rows.append(dict(row, skipped="time budget spent"))
-                        continue
-                    saved, exact_kernels.CONFIG = exact_kernels.CONFIG, (block, warps)
-                    try:
-                        passes, fn = make(params, dist, (block, warps))
-                        t = workloads.median(workloads.time_fn(fn, device, warmup=3, reps=reps))
-                    finally:
-                        exact_kernels.CONFIG = saved
-                    timed.append(dict(row, seconds=t, gbps=passes * nbytes / t / 1e9,
-                                      pct_copy=passes * copy / t, sm_mhz=sm_clock_mhz(device)))
-                    rows.append(timed[-1])
-                if timed:
-                    best = min(timed, key=lambda r: r["seconds"])
-                    print(f"[driver] sweep {dtype_name} {dist} {kind}: best {best['impl']} "
-                          f"({100 * best['pct_copy']:.0f}% of copy)", flush=True)
-        del params
-        free(device)
-    return rows
-
-
-CAPS = (None, 80, 64, 48)  # 256-thread blocks an SM: 65536 registers / (cap * 256)
+    return _variant_rows("sweep", size, device, reps, budget, dtypes, variants)
 
 
 def cap_rows(size, device, reps: int, budget: Budget, caps=CAPS,
@@ -218,37 +185,44 @@ def cap_rows(size, device, reps: int, budget: Budget, caps=CAPS,
     zo_kernels.noise_axpby.MAXNREG)."""
     from zo_kernels import noise_axpby
 
+    def variants(params, dist):
+        key = (dist, params[0].element_size())
+        return (("plain pass", [(f"maxnreg={cap}", 1, mock.patch.dict(noise_axpby.MAXNREG, {key: cap}),
+                                 lambda: workloads.make_pass("zo-opt[triton]", params, dist))
+                                for cap in caps]),)
+
+    return _variant_rows("caps", size, device, reps, budget, dtypes, variants)
+
+
+def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, variants) -> list[dict]:
+    """Rows of the Triton variants that ``variants(params, distribution)`` lists per kind of
+    pass, as (name, passes timed, the setting in force while it is made and timed, make), on
+    ``size``'s parameters per dtype and distribution, each against a copy of the bytes."""
     label = size if isinstance(size, str) else size.name
     rows = []
     for dtype_name in dtypes:
         params = make_params(size, DTYPES[dtype_name], device)
-        key_size = params[0].element_size()
+        nbytes = 2 * workloads.param_bytes(params)
         copy = workloads.median(workloads.time_fn(workloads.make_pass("copy", params), device,
                                                   warmup=3, reps=reps))
         for dist in ("gaussian", "rademacher"):
-            key = (dist, key_size)
-            timed = []
-            for cap in caps:
-                row = dict(kind="pass", workload=f"caps {label}: plain pass", dtype=dtype_name,
-                           distribution=dist, impl=f"zo-opt[triton] maxnreg={cap}")
-                if not budget.left():
-                    rows.append(dict(row, skipped="time budget spent"))
-                    continue
-                saved = dict(noise_axpby.MAXNREG)
-                noise_axpby.MAXNREG[key] = cap
-                try:
-                    fn = workloads.make_pass("zo-opt[triton]", params, dist)
-                    t = workloads.median(workloads.time_fn(fn, device, warmup=3, reps=reps))
-                finally:
-                    noise_axpby.MAXNREG.clear()
-                    noise_axpby.MAXNREG.update(saved)
-                timed.append(dict(row, seconds=t, gbps=2 * workloads.param_bytes(params) / t / 1e9,
-                                  pct_copy=copy / t, sm_mhz=sm_clock_mhz(device)))
-                rows.append(timed[-1])
-            if timed:
-                best = min(timed, key=lambda r: r["seconds"])
-                print(f"[driver] caps {dtype_name} {dist}: best {best['impl']} "
-                      f"({100 * best['pct_copy']:.0f}% of copy)", flush=True)
+            for kind, listed in variants(params, dist):
+                timed = []
+                for name, passes, setting, make in listed:
+                    row = dict(kind="pass", workload=f"{title} {label}: {kind}", dtype=dtype_name,
+                               distribution=dist, impl=f"zo-opt[triton] {name}")
+                    if not budget.left():
+                        rows.append(dict(row, skipped="time budget spent"))
+                        continue
+                    with setting:
+                        t = workloads.median(workloads.time_fn(make(), device, warmup=3, reps=reps))
+                    timed.append(dict(row, seconds=t, gbps=passes * nbytes / t / 1e9,
+                                      pct_copy=passes * copy / t, sm_mhz=sm_clock_mhz(device)))
+                    rows.append(timed[-1])
+                if timed:
+                    best = min(timed, key=lambda r: r["seconds"])
+                    print(f"[driver] {title} {dtype_name} {dist} {kind}: best {best['impl']} "
+                          f"({100 * best['pct_copy']:.0f}% of copy)", flush=True)
         del params
         free(device)
     return rows
