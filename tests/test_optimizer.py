@@ -275,8 +275,8 @@ def test_rewinding_the_same_optimizer_replays_its_steps(backend):
     train(p, opt, 1)
     assert opt.last_record.seeds == [noise.direction_seed(5, 0, i) for i in range(2)]
     replay = at_2[0].clone()
-    zo_opt.functional.zo_update_([replay], opt.last_record.seeds, -1e-2 * opt.last_record.grads / 2,
-                      backend=backend)
+    zo_opt.functional.zo_update_([replay], opt.last_record.seeds,
+                                 -1e-2 * opt.last_record.grads / 2, backend=backend)
     torch.testing.assert_close(p, replay, rtol=0, atol=1e-5)
 
 
