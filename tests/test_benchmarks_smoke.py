@@ -205,11 +205,12 @@ def test_report_rejects_other_json(tmp_path):
 # -- the GPU driver ---------------------------------------------------------------------------
 
 def test_gpu_driver_sweep_under_the_interpreter(monkeypatch):
-    """The rows of --sweep-s: each (BLOCK, num_warps) per dtype and distribution, timed against the
-    copy, the plain pass launched at each pair while it is timed (the first version restored
-    TUNED before timing, so every row timed the default pair), and TUNED and the exact kernel's
-    CONFIG left as they were (the interpreter stands in for the GPU: two pairs, one dtype, a
-    20K-parameter model, to keep it short)."""
+    """The rows of --sweep-s: the plain pass at each tiling and the exact cycle at each
+    (BLOCK, num_warps), per dtype and distribution, timed against the copy; each plain pass
+    launched at its tiling while it is timed (a first version restored the default before
+    timing, so every row timed it), and TILINGS and the exact kernel's CONFIG left as they
+    were (the interpreter stands in for the GPU: two of each, one dtype, a 20K-parameter
+    model, to keep it short)."""
     from benchmarks.gpu import driver
 
     pytest.importorskip("triton")
@@ -222,37 +223,21 @@ def test_gpu_driver_sweep_under_the_interpreter(monkeypatch):
     launched, launch = set(), noise_axpby._launch
 
     def recorded(*args):
-        launched.add(args[-2:])  # (BLOCK, num_warps)
+        launched.add(args[-1])  # the tiling
         return launch(*args)
 
     monkeypatch.setattr(noise_axpby, "_launch", recorded)
-    configs, config = driver.SWEEP[:2], exact.CONFIG
+    tilings, configs = ((1024, 4), (2048, 8, 2, 64)), driver.EXACT_SWEEP[:2]
+    before = (dict(noise_axpby.TILINGS), exact.CONFIG)
     micro = GPT2Size("micro", 32, 1, 1, 32, vocab=128)
-    rows = driver.sweep_rows(micro, "cpu", 1, driver.Budget(600), configs, ("bfloat16",))
-    assert len(rows) == 2 * 2 * len(configs)  # distributions x (plain, exact)
+    rows = driver.sweep_rows(micro, "cpu", 1, driver.Budget(600), tilings, configs, ("bfloat16",))
+    assert len(rows) == 2 * (len(tilings) + len(configs))  # distributions x (plain, exact)
     assert all(r["seconds"] > 0 and r["pct_copy"] > 0 for r in rows)
-    assert {r["impl"] for r in rows} == {f"zo-opt[triton] BLOCK={b} warps={w}" for b, w in configs}
-    assert set(configs) <= launched
-    assert noise_axpby.TUNED == {} and exact.CONFIG == config
-
-
-def test_gpu_driver_caps_under_the_interpreter():
-    """The rows of --caps-s: the plain pass at each register cap per distribution, timed
-    against the copy, and MAXNREG left as it was."""
-    from benchmarks.gpu import driver
-
-    pytest.importorskip("triton")
-    from zo_kernels import noise_axpby
-
-    if not noise_axpby.INTERPRETED:
-        pytest.skip("a GPU is here: the driver's real run times the caps on it")
-    caps, table = driver.CAPS[:2], dict(noise_axpby.MAXNREG)
-    micro = GPT2Size("micro", 32, 1, 1, 32, vocab=128)
-    rows = driver.cap_rows(micro, "cpu", 1, driver.Budget(600), caps, ("float32",))
-    assert len(rows) == 2 * len(caps)  # distributions x caps
-    assert all(r["seconds"] > 0 and r["pct_copy"] > 0 for r in rows)
-    assert {r["impl"] for r in rows} == {f"zo-opt[triton] maxnreg={c}" for c in caps}
-    assert noise_axpby.MAXNREG == table
+    assert {r["impl"] for r in rows} == {
+        "zo-opt[triton] BLOCK=1024 warps=4", "zo-opt[triton] BLOCK=2048 warps=8 halves=2 maxnreg=64",
+        *(f"zo-opt[triton] BLOCK={b} warps={w}" for b, w in configs)}
+    assert {noise_axpby.Tiling(*t) for t in tilings} <= launched
+    assert (noise_axpby.TILINGS, exact.CONFIG) == before
 
 
 def test_gpu_driver_dry_run_on_the_cpu(tmp_path):

@@ -211,7 +211,7 @@ def test_unaligned_views_take_the_unaligned_tiles(distribution):
     configuration (shorter tiles, scalar accesses) and still match the reference."""
     buf = torch.randn(20_000, generator=torch.Generator().manual_seed(4)).to(device_for_kernels())
     params = [buf[1:5001], buf[5003:5003 + 9000], buf[14_005:14_010]]
-    assert not kernels.table_for(params, noise.offsets([5000, 9000, 5]), kernels.BLOCK).aligned
+    assert not kernels.table_for(params, noise.offsets([5000, 9000, 5]), 4096).aligned
     ref32 = reference_pass(params, [11, 2**64 - 7], [1.0, 0.25, -0.5], distribution)
     triton_pass(params, [11, 2**64 - 7], [1.0, 0.25, -0.5], distribution)
     assert_matches_reference(params, ref32, [1.0, 0.25, -0.5], distribution)
@@ -219,21 +219,24 @@ def test_unaligned_views_take_the_unaligned_tiles(distribution):
 
 
 @pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
-def test_tuned_block_and_warps_give_the_same_bits(monkeypatch, distribution):
-    """A (BLOCK, num_warps) from a GPU sweep (kernels.TUNED) changes the tiling, never a
-    value: z is a function of (seed, global index) alone."""
-    sizes, dtypes = (5000, 129, 1), (torch.bfloat16, torch.float32, torch.float16)
+@pytest.mark.parametrize("tiling", [kernels.Tiling(1024, 4), kernels.Tiling(1024, 4, halves=2),
+                                    kernels.Tiling(512, 2, halves=2, maxnreg=64)])
+def test_tilings_give_the_same_bits(monkeypatch, distribution, tiling):
+    """A tiling from a GPU sweep (kernels.TILINGS) changes the tiles, never a value: z is a
+    function of (seed, global index) alone. Tensors end in either half of a two-half program,
+    and one program holds a tensor's end and the next's start."""
+    sizes, dtypes = (5000, 129, 1, 700), (torch.bfloat16, torch.float32, torch.float16, torch.float32)
     offsets = [2**33 + o for o in noise.offsets(sizes)]
     default = random_params(sizes, dtypes, device_for_kernels())
-    tuned = [p.clone() for p in default]
+    tiled = [p.clone() for p in default]
     triton_pass(default, [7, 2**64 - 3], [1.0, 0.5, -0.25], distribution, offsets=offsets)
-    monkeypatch.setattr(kernels, "TUNED", {(dt, distribution): (1024, 4) for dt in dtypes})
-    run = kernels.prepare(tuned, offsets)
+    monkeypatch.setattr(kernels, "TILINGS", {key: tiling for key in kernels.TILINGS})
+    run = kernels.prepare(tiled, offsets)
     seeds = functional.seeds_on([7, 2**64 - 3], device_for_kernels())
     run(seeds, torch.tensor([1.0, 0.5, -0.25], device=device_for_kernels()), distribution)
-    for a, b in zip(default, tuned):
+    for a, b in zip(default, tiled):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    assert kernels.config(torch.bfloat16, distribution) == (1024, 4)
+    assert kernels.config(torch.bfloat16, distribution) == tiling
 
 
 def test_perturb_then_restore_is_exact():
@@ -256,7 +259,7 @@ def test_every_kernel_compiles_for_sm90(compile_reports):
     """triton.compile for a CUDA sm_90 target, no GPU needed. No approximate math may appear,
     aligned tensors of every dtype must get 16-byte vector loads and stores, and no uncapped
     variant spills (the unaligned one, a scalar address an element, runs shorter tiles:
-    kernels.UNALIGNED); capped ones keep within their cap (kernels.MAXNREG) and spill at most
+    kernels.UNALIGNED); capped ones keep within their tiling's maxnreg (kernels.TILINGS) and spill at most
     kernels.CAP_SPILL_BYTES, the most a cap measured faster on a GPU took."""
     reports = compile_reports()
     assert len(reports) == 12
@@ -278,10 +281,10 @@ def test_aligned_tiles_make_no_philox_call_twice(compile_reports):
     counts them): a Gaussian call per 4 elements it holds, and one Rademacher call for all of
     them, since its elements are the slices of one 128-element row (kernels.LANES) where a
     row-per-warp layout had each thread make a call for every 16-byte vector."""
-    per_thread = kernels.BLOCK // (kernels.NUM_WARPS * 32)
     for r in compile_reports():
         if r["aligned"]:
-            calls = 1 if r["rademacher"] else per_thread // 4
+            per_thread = r["block"] // (r["warps"] * 32)
+            calls = r["halves"] if r["rademacher"] else per_thread // 4
             assert r["mul_hi"] <= 20 * calls, r
 
 

@@ -29,22 +29,29 @@ from . import exact, exact_table, noise_axpby
 from .tensor_table import VECTOR_BYTES
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 POINTER_ARGS = ("base_ptr", "rows_ptr", "block_map_ptr", "seeds_ptr", "scales_ptr")
 DIVISIBLE_16 = [["tt.divisibility", 16]]  # what the launcher's specialization gives pointers
 
 
-def plain_config(aligned: bool) -> tuple[int, int]:
-    """(BLOCK, num_warps) the plain pass launches with, TUNED aside."""
-    return (noise_axpby.BLOCK, noise_axpby.NUM_WARPS) if aligned else noise_axpby.UNALIGNED
+def plain_config(dtype: str, rademacher: bool, aligned: bool) -> noise_axpby.Tiling:
+    """The Tiling the plain pass launches with (noise_axpby.config)."""
+    import torch
+
+    return noise_axpby.config(getattr(torch, TORCH_DTYPES[dtype]),
+                              "rademacher" if rademacher else "gaussian", aligned)
 
 
-def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSource:
-    """The plain kernel as launched for aligned or unaligned tiles (noise_axpby.config)."""
+def source(dtype: str, rademacher: bool, aligned: bool,
+           tiling: noise_axpby.Tiling | None = None) -> triton.compiler.ASTSource:
+    """The plain kernel as launched for aligned or unaligned tiles, or at ``tiling``."""
+    tiling = tiling or plain_config(dtype, rademacher, aligned)
     kernel = noise_axpby.noise_axpby_kernel
     signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
                  "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_seeds": "i32"}
     constexprs = {"RADEMACHER": rademacher, "ALIGNED": aligned,
-                  "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype], "BLOCK": plain_config(aligned)[0]}
+                  "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype], "BLOCK": tiling.block,
+                  "HALVES": tiling.halves}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16 for name in POINTER_ARGS}
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
@@ -52,12 +59,11 @@ def source(dtype: str, rademacher: bool, aligned: bool) -> triton.compiler.ASTSo
 
 
 def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
-    options = noise_axpby.launch_options("rademacher" if rademacher else "gaussian",
-                                         ELEMENT_BYTES[dtype], plain_config(aligned)[1])
-    compiled = triton.compile(source(dtype, rademacher, aligned), target=GPUTarget("cuda", arch, 32),
-                              options=options)
+    tiling = plain_config(dtype, rademacher, aligned)
+    compiled = triton.compile(source(dtype, rademacher, aligned, tiling),
+                              target=GPUTarget("cuda", arch, 32), options=tiling.options())
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
-            "maxnreg": options["maxnreg"], **summary(compiled)}
+            **tiling._asdict(), **summary(compiled)}
 
 
 def summary(compiled) -> dict:
@@ -108,7 +114,6 @@ EXACT_VARIANTS = (("first", False, True, False, False),  # a=0 -> +eps z, encode
                   ("update_sr", True, False, True, True))  # the last pass, rounding
 EXACT_POINTER_ARGS = ("base_ptr", "rows_ptr", "block_map_ptr", "seeds_ptr", "scales_ptr",
                       "codes_ptr", "chunk_base_ptr", "bits_ptr")
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compiler.ASTSource:

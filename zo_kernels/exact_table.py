@@ -19,8 +19,12 @@ import triton
 import triton.language as tl
 
 from .exact import BIGS, CHUNK, _bits_of, dtype_launches, special
-from .noise_axpby import BLOCK, NUM_WARPS, load_tile, tile
+from .noise_axpby import load_tile, tile
 from .tensor_table import VECTOR_BYTES, device_of
+
+BLOCK = 4096  # a program's slots: 32 table chunks
+NUM_WARPS = 8
+
 
 @triton.jit
 def _chunk_tile(base_ptr, rows_ptr, block_map_ptr, code_base, tau, BIG: tl.constexpr,

@@ -15,7 +15,7 @@ counter split is the contract's on every Triton version (it matches 3.7's randin
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
@@ -28,44 +28,50 @@ PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
 PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
-BLOCK = 4096  # elements per program; a multiple of 128
-NUM_WARPS = 8
-# (BLOCK, num_warps) of the plain pass per (dtype, distribution) where a sweep on a GPU found
-# a faster pair than the defaults above (benchmarks/gpu/driver.py --sweep-s prints them).
-TUNED: dict[tuple[torch.dtype, str], tuple[int, int]] = {}
+class Tiling(NamedTuple):
+    """How the plain pass runs over a dtype group: ``block`` slots a program (a multiple of
+    128) and ``warps`` warps, in ``halves`` parts (noise_axpby_kernel), compiled with at most
+    ``maxnreg`` registers a thread (None: uncapped). A cap trades registers for resident
+    warps."""
+    block: int
+    warps: int
+    halves: int = 1
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The compile options of a launch (compile_check compiles with the same)."""
+        return {"num_warps": self.warps, "maxnreg": self.maxnreg}
 
 
-# maxnreg of the plain pass per (distribution, element size); None: uncapped. A cap trades
-# registers for resident warps (ptxas sm_90; H200 timings: driver.py --caps-s, results of
-# 2026-11-29). float32 Rademacher passes, bound by memory, capped at 80 fit three 256-thread
-# blocks an SM where they took 99 registers (two), no spills on Triton 3.6 to 3.9. 16-bit
-# Gaussian ones, bound by instruction issue, take 92-117; at 80 (three blocks) Triton 3.6
-# spills 128 bytes and still ran 9% faster (35% -> 38% of copy; 3.8 does not spill, 3.9 spills
-# 92). 16-bit Rademacher ones ran alike at caps of 48 to 80 (68-69%); capped at 64 they keep
-# four blocks on every version (Triton 3.6 takes 100 uncapped since their signs are xored in,
-# 3.7 takes 72 under a cap of 80). float32 Gaussian ones were no faster capped.
-MAXNREG: dict[tuple[str, int], int | None] = {("rademacher", 4): 80, ("rademacher", 2): 64,
-                                              ("gaussian", 2): 80}
+# The plain pass's tiling per (distribution, element size), from ptxas sm_90 reports (Triton
+# 3.6 and 3.7) and H200 timings (benchmarks/gpu/driver.py --sweep-s; results of 2026-11-29).
+# float32 Rademacher passes, bound by memory, capped at 80 fit three 256-thread blocks an SM
+# where they took 99 registers (two), no spills on Triton 3.6 to 3.9: 88% of copy. The other
+# kinds run in two halves. 16-bit Rademacher ones, at 69% of copy with 32 bytes a thread
+# whatever the cap (48 to 80), now take the CUDA kernel's 64 bytes a thread (85%): 8192-slot
+# programs of 16 warps, 64 registers, four blocks' worth of warps an SM, no spills. Gaussian
+# ones hold one half's Box-Muller at a time: 73-80 registers where one 4096-slot part took
+# 115-121 (float32: two 256-thread blocks an SM become three; 16-bit ones were capped at 80
+# for three, and spilled 120-128 bytes).
+TILINGS: dict[tuple[str, int], Tiling] = {
+    ("gaussian", 4): Tiling(4096, 8, halves=2),
+    ("gaussian", 2): Tiling(4096, 8, halves=2),
+    ("rademacher", 4): Tiling(4096, 8, maxnreg=80),
+    ("rademacher", 2): Tiling(8192, 16, halves=2),
+}
 # A capped variant may spill up to this many bytes a thread (tests/test_triton_backend.py).
 CAP_SPILL_BYTES = 128
-
-
-def launch_options(distribution: str, element_size: int, warps: int) -> dict:
-    """The compile options of a plain-pass launch (compile_check compiles with the same)."""
-    return {"num_warps": warps, "maxnreg": MAXNREG.get((distribution, element_size))}
 
 
 # Tiles that do not start 16-byte aligned (views into a shared buffer) take a scalar address
 # an element, and 4 elements a thread: ptxas (sm_90) gives 27-62 registers, where 8 a thread
 # take up to 128 and spill, and 16 take 208-255 and spill.
-UNALIGNED = (2048, 16)
+UNALIGNED = Tiling(2048, 16)
 
 
-def config(dtype: torch.dtype, distribution: str, aligned: bool = True) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the plain pass for tensors of ``dtype``."""
-    if not aligned:
-        return UNALIGNED
-    return TUNED.get((dtype, distribution), (BLOCK, NUM_WARPS))
+def config(dtype: torch.dtype, distribution: str, aligned: bool = True) -> Tiling:
+    """The plain pass's tiling for tensors of ``dtype``."""
+    return TILINGS[(distribution, dtype.itemsize)] if aligned else UNALIGNED
 
 
 # Threads that share one 128-element Rademacher row in the plain pass: LANES 16-byte vectors
@@ -257,32 +263,46 @@ def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.con
     (pointers, slot indices in the tile, which slots hold the tensor's elements, whether all
     do, the global index of slot 0, the tensor's slots from slot 0 on). Shared by every
     multi-tensor kernel."""
+    origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
+    return tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, BLOCK, SPLIT)
+
+
+@triton.jit
+def tile_origin(rows_ptr, block_map_ptr, BLOCK: tl.constexpr):
+    """(the tensor's first slot in the buffer, its slots lo and hi, the global index of its
+    slot 0, this program's first slot): what a program of BLOCK slots reads from its row."""
     pid = tl.program_id(0)
     row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
-    ptr_origin = tl.load(row)
-    lo = tl.load(row + 1)
-    hi = tl.load(row + 2)
-    g_origin = tl.load(row + 3)
     slot0 = (pid - tl.load(row + 4)) * BLOCK  # int64: the tile's first slot
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), slot0
+
+
+@triton.jit
+def tile_part(base_ptr, origin, FIRST: tl.constexpr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr,
+              VEC: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
+    """tile()'s values for the SLOTS slots from slot FIRST of the program's tile (``origin``:
+    tile_origin)."""
+    ptr_origin, lo, hi, g_origin, tile0 = origin
+    slot0 = tile0 + FIRST
     if SPLIT == 1:
-        idx = tl.arange(0, BLOCK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+        idx = tl.arange(0, SLOTS // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
     elif ROWS_FIRST:
-        idx = (tl.arange(0, BLOCK // WIDTH)[:, None, None] * WIDTH
+        idx = (tl.arange(0, SLOTS // WIDTH)[:, None, None] * WIDTH
                + tl.arange(0, SPLIT)[None, :, None] * (WIDTH // SPLIT)
                + tl.arange(0, WIDTH // SPLIT)[None, None, :])
     else:
         idx = (tl.arange(0, SPLIT)[:, None, None] * (WIDTH // SPLIT)
-               + tl.arange(0, BLOCK // WIDTH)[None, :, None] * WIDTH
+               + tl.arange(0, SLOTS // WIDTH)[None, :, None] * WIDTH
                + tl.arange(0, WIDTH // SPLIT)[None, None, :])
     start = ptr_origin + slot0
     if ALIGNED:
         start = tl.multiple_of(start, VEC)
-    # The tensor's slots relative to the tile, clamped to it: 32-bit compares an element (64-bit
+    # The tensor's slots relative to the part, clamped to it: 32-bit compares an element (64-bit
     # ones took two instructions each, which ptxas put before the load of ptr_origin).
-    lo_in = tl.minimum(tl.maximum(lo - slot0, 0), BLOCK).to(tl.int32)
-    hi_in = tl.minimum(tl.maximum(hi - slot0, 0), BLOCK).to(tl.int32)
+    lo_in = tl.minimum(tl.maximum(lo - slot0, 0), SLOTS).to(tl.int32)
+    hi_in = tl.minimum(tl.maximum(hi - slot0, 0), SLOTS).to(tl.int32)
     mask = (idx >= lo_in) & (idx < hi_in)
-    interior = (lo_in == 0) & (hi_in == BLOCK)  # no mask: vector loads and stores
+    interior = (lo_in == 0) & (hi_in == SLOTS)  # no mask: vector loads and stores
     return base_ptr + start + idx, idx, mask, interior, g_origin + slot0, hi - slot0
 
 
@@ -307,8 +327,11 @@ def store_tile(ptrs, values, mask, interior):
 @triton.jit
 def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
                        RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
-                       VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows)."""
+                       VEC: tl.constexpr, BLOCK: tl.constexpr, HALVES: tl.constexpr):
+    """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows), in
+    HALVES parts (1 or 2) whose loads are all issued before any part's noise: a thread then
+    has twice the bytes in flight at the registers of one part (the CUDA kernel's 64 bytes a
+    thread, where a 16-bit thread of one 4096-slot part of 8 warps holds 32)."""
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
         SPLIT: tl.constexpr = 128 // (LANES * VEC)
@@ -318,27 +341,43 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
         else:
             WIDTH: tl.constexpr = 4  # an element a load anyway; wider rows only add registers
         SPLIT: tl.constexpr = 1
-    ptrs, _, mask, interior, g0, _ = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH, ALIGNED,
-                                          VEC, BLOCK, SPLIT)
+    PART: tl.constexpr = BLOCK // HALVES
+    origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
+    ptrs, _, mask, interior, g0, _ = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART,
+                                               SPLIT)
     # Converted to float32 after the noise: 16-bit values stay packed meanwhile (ptxas sm_90:
     # 64 registers a thread in 16-bit Rademacher passes, four blocks an SM, where converting
     # first took 78 and three; 94 in bfloat16 Gaussian ones, where it took 106).
     x = load_tile(ptrs, mask, interior)
+    if HALVES == 2:
+        ptrs2, _, mask2, interior2, g2, _ = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED,
+                                                      VEC, PART, SPLIT)
+        x2 = load_tile(ptrs2, mask2, interior2)
+    store_tile(ptrs, _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH, SPLIT,
+                            PART, base_ptr.dtype.element_ty), mask, interior)
+    if HALVES == 2:
+        store_tile(ptrs2, _axpby(x2, g2, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
+                                 SPLIT, PART, base_ptr.dtype.element_ty), mask2, interior2)
 
-    # y = alpha * x + (sum_i c_i z_i): the reference's order of float32 roundings. The sum
-    # starts from a zero made out of x (its sign bit) only so that it takes the load's layout,
-    # where each thread makes the noise of its own elements once; from a plain tl.zeros it
-    # gets a layout that spreads a row over threads that each redo the row's Philox.
-    # (+-0 + s == s exactly for s != 0; only the sign of an all-zero result can differ.)
+
+@triton.jit
+def _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER: tl.constexpr,
+           WIDTH: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr, DT: tl.constexpr):
+    """alpha * x + (sum_i c_i z_i) rounded to DT, for the loaded slots x whose slot 0 has the
+    global index g0: the reference's order of float32 roundings."""
+    # The sum starts from a zero made out of x (its sign bit) only so that it takes the load's
+    # layout, where each thread makes the noise of its own elements once; from a plain
+    # tl.zeros it gets a layout that spreads a row over threads that each redo the row's
+    # Philox. (+-0 + s == s exactly for s != 0; only the sign of an all-zero result can differ.)
     if x.dtype == tl.float32:
         bits = x.to(tl.uint32, bitcast=True)
     else:
         bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
     acc = (bits & 0x80000000).to(tl.float32, bitcast=True)
     if RADEMACHER:
-        j = row_counters(g0 >> 7, BLOCK // 128, 1)
+        j = row_counters(g0 >> 7, SLOTS // 128, 1)
     else:
-        j = row_counters(g0 >> 2, BLOCK // WIDTH, WIDTH // 4)
+        j = row_counters(g0 >> 2, SLOTS // WIDTH, WIDTH // 4)
     for i in range(n_seeds):
         seed = tl.load(seeds_ptr + i)  # uint64 stored as int64
         k0 = seed.to(tl.uint32)
@@ -348,9 +387,7 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
             acc += signed(c, rademacher_signs(k0, k1, j, SPLIT))
         else:
             acc += c * quad_tile(k0, k1, j, WIDTH, True)
-    out = _round_to(tl.load(scales_ptr) * x.to(tl.float32) + acc, base_ptr.dtype.element_ty)
-
-    store_tile(ptrs, out, mask, interior)
+    return _round_to(tl.load(scales_ptr) * x.to(tl.float32) + acc, DT)
 
 
 # The interpreter (TRITON_INTERPRET=1 before triton's import) makes plain Python of the
@@ -386,36 +423,39 @@ def prepare(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     ``run(seeds, scales, distribution)`` with int64 seeds (uint64 bits) and float32 scales on
     the params' device, which only launches: no copy, no sync, so it can be graph-captured."""
     groups = by_dtype(params, offsets)
-    # (group, BLOCK) -> its tensor table. Alignment does not depend on BLOCK; an unaligned
-    # group's table is made now too, so that a first pass under a CUDA-graph capture uploads
-    # nothing (only a TUNED BLOCK's table waits for its first pass).
-    tables = {(k, BLOCK): table_for(ps, os_, BLOCK) for k, (ps, os_) in enumerate(groups)}
-    aligned = [tables[(k, BLOCK)].aligned for k in range(len(groups))]
-    for k, (ps, os_) in enumerate(groups):
-        if not aligned[k]:
-            tables[(k, UNALIGNED[0])] = table_for(ps, os_, UNALIGNED[0])
+    tables = {}  # (group, block) -> its tensor table
+
+    def table(k: int, block: int):
+        if (k, block) not in tables:
+            tables[(k, block)] = table_for(*groups[k], block)
+        return tables[(k, block)]
+
+    # Alignment does not depend on the block. The tables of the tilings config() gives are
+    # made now, so that a first pass under a CUDA-graph capture uploads nothing (another
+    # block's, as a sweep patches TILINGS, waits for its first pass).
+    aligned = [table(k, config(ps[0].dtype, "gaussian").block).aligned
+               for k, (ps, _) in enumerate(groups)]
+    for k, (ps, _) in enumerate(groups):
+        for distribution in ("gaussian", "rademacher"):
+            table(k, config(ps[0].dtype, distribution, aligned[k]).block)
 
     def run(seeds: torch.Tensor, scales: torch.Tensor, distribution: str) -> None:
         scales = scales.to(dtype=torch.float32).contiguous()
         if seeds.numel() == 0:  # the kernel takes a valid pointer even when it reads none
             seeds = torch.zeros(1, dtype=torch.int64, device=scales.device)
-        for k, (ps, os_) in enumerate(groups):
-            block, warps = config(ps[0].dtype, distribution, aligned[k])
-            table = tables.get((k, block))
-            if table is None:  # a TUNED BLOCK: made on its first pass
-                table = tables[(k, block)] = table_for(ps, os_, block)
-            _launch(ps, table, seeds, scales.numel() - 1, scales, distribution == "rademacher",
-                    block, warps)
+        for k, (ps, _) in enumerate(groups):
+            tiling = config(ps[0].dtype, distribution, aligned[k])
+            _launch(ps, table(k, tiling.block), seeds, scales.numel() - 1, scales,
+                    distribution == "rademacher", tiling)
 
     return run
 
 
 def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int,
-            scales: torch.Tensor, rademacher: bool, block: int, warps: int) -> None:
+            scales: torch.Tensor, rademacher: bool, tiling: Tiling) -> None:
     with device_of(params):
         noise_axpby_kernel[(table.n_blocks,)](
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
             RADEMACHER=rademacher, ALIGNED=table.aligned,
-            VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=block,
-            **launch_options("rademacher" if rademacher else "gaussian", params[0].element_size(),
-                             warps))
+            VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=tiling.block,
+            HALVES=tiling.halves, **tiling.options())

@@ -154,21 +154,26 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
     return rows
 
 
-SWEEP = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
-CAPS = (None, 80, 64, 48)  # 256-thread blocks an SM: 65536 registers / (cap * 256)
+# The plain pass's candidate tilings (zo_kernels.noise_axpby.Tiling: block, warps, halves,
+# maxnreg), and the exact kernel's (BLOCK, num_warps) pairs.
+PLAIN_SWEEP = ((4096, 8), (4096, 8, 1, 80), (4096, 8, 1, 64), (2048, 8), (1024, 4),
+               (4096, 8, 2), (4096, 8, 2, 80), (4096, 8, 2, 64), (2048, 4, 2),
+               (8192, 16, 2), (8192, 16, 2, 56), (8192, 8, 2, 64))
+EXACT_SWEEP = ((1024, 4), (1024, 2), (2048, 4), (2048, 8))
 
 
-def sweep_rows(size, device, reps: int, budget: Budget, configs=SWEEP,
-               dtypes=tuple(DTYPES)) -> list[dict]:
-    """The Triton kernels at each (BLOCK, num_warps) of ``configs``, per dtype and
-    distribution, as % of copy: the plain pass (the best pair goes into
-    zo_kernels.noise_axpby.TUNED) and the exact pass cycle (zo_kernels.exact.CONFIG)."""
+def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
+               configs=EXACT_SWEEP, dtypes=tuple(DTYPES)) -> list[dict]:
+    """The Triton kernels per dtype and distribution as % of copy: the plain pass at each of
+    ``tilings`` (the best goes into zo_kernels.noise_axpby.TILINGS), then the exact pass cycle
+    at each (BLOCK, num_warps) of ``configs`` (zo_kernels.exact.CONFIG)."""
     from zo_kernels import exact as exact_kernels, noise_axpby
 
     def variants(params, dist):
-        key = (params[0].dtype, dist)
-        plain = [(f"BLOCK={b} warps={w}", 1, mock.patch.dict(noise_axpby.TUNED, {key: (b, w)}),
-                  lambda: workloads.make_pass("zo-opt[triton]", params, dist)) for b, w in configs]
+        key = (dist, params[0].element_size())
+        plain = [(_tiling_name(t), 1, mock.patch.dict(noise_axpby.TILINGS, {key: t}),
+                  lambda: workloads.make_pass("zo-opt[triton]", params, dist))
+                 for t in [noise_axpby.Tiling(*c) for c in tilings]]
         # the exact runner reads CONFIG on its first pass
         cycle = [(f"BLOCK={b} warps={w}", 3, mock.patch.object(exact_kernels, "CONFIG", (b, w)),
                   lambda: workloads.make_pass_cycle("triton", params, dist, exact=True))
@@ -178,20 +183,9 @@ def sweep_rows(size, device, reps: int, budget: Budget, configs=SWEEP,
     return _variant_rows("sweep", size, device, reps, budget, dtypes, variants)
 
 
-def cap_rows(size, device, reps: int, budget: Budget, caps=CAPS,
-             dtypes=tuple(DTYPES)) -> list[dict]:
-    """The Triton plain pass at each register cap (maxnreg) of ``caps``, per dtype and
-    distribution, as % of copy: a cap trades registers for resident warps (the best goes into
-    zo_kernels.noise_axpby.MAXNREG)."""
-    from zo_kernels import noise_axpby
-
-    def variants(params, dist):
-        key = (dist, params[0].element_size())
-        return (("plain pass", [(f"maxnreg={cap}", 1, mock.patch.dict(noise_axpby.MAXNREG, {key: cap}),
-                                 lambda: workloads.make_pass("zo-opt[triton]", params, dist))
-                                for cap in caps]),)
-
-    return _variant_rows("caps", size, device, reps, budget, dtypes, variants)
+def _tiling_name(t) -> str:
+    return (f"BLOCK={t.block} warps={t.warps}" + (f" halves={t.halves}" if t.halves > 1 else "")
+            + (f" maxnreg={t.maxnreg}" if t.maxnreg else ""))
 
 
 def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, variants) -> list[dict]:
@@ -526,10 +520,10 @@ def main(argv=None) -> Path:
     ap.add_argument("--budget-s", type=float, default=200.0)
     ap.add_argument("--sweep-s", type=float, default=0.0,
                     help="first spend up to this many seconds of the budget timing the Triton "
-                         "kernels at each (BLOCK, num_warps) of SWEEP (0: no sweep)")
-    ap.add_argument("--caps-s", type=float, default=0.0,
-                    help="then up to this many seconds timing the Triton plain pass at each "
-                         "register cap of CAPS (0: none)")
+                         "plain pass at each tiling of PLAIN_SWEEP and the exact pass at each "
+                         "(BLOCK, num_warps) of EXACT_SWEEP (0: no sweep)")
+    ap.add_argument("--small-sizes", default="20M",
+                    help="models whose q=1 steps are timed too, where host work weighs more")
     args = ap.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device visible; use --device cpu --dry-run to check the logic")
@@ -547,11 +541,6 @@ def main(argv=None) -> Path:
         t0 = time.monotonic()
         rows += sweep_rows(step_size, args.device, reps, Budget(min(args.sweep_s, args.budget_s)))
         print(f"[driver] sweep: {time.monotonic() - t0:.1f} s", flush=True)
-    if args.caps_s > 0 and "triton" in workloads.zo_backends(args.device):
-        t0 = time.monotonic()
-        rows += cap_rows(step_size, args.device, reps, Budget(min(args.caps_s, args.budget_s)),
-                         dtypes=args.dtypes.split(","))
-        print(f"[driver] caps: {time.monotonic() - t0:.1f} s", flush=True)
     for size in sizes:
         for dtype in args.dtypes.split(","):
             t0 = time.monotonic()
@@ -568,6 +557,10 @@ def main(argv=None) -> Path:
     t0 = time.monotonic()
     rows += bf16_step_rows(step_size, qs[-1], batch_size, seq, args.device, step_reps, budget)
     print(f"[driver] bf16 steps: {time.monotonic() - t0:.1f} s", flush=True)
+    for small in ([] if args.dry_run else [SIZES[s] for s in args.small_sizes.split(",") if s]):
+        t0 = time.monotonic()
+        rows += step_rows(small, 1, batch_size, seq, args.device, step_reps, budget)
+        print(f"[driver] steps q=1 {small.name}: {time.monotonic() - t0:.1f} s", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@
 #   benchmarks/gpu/run.sh [OUT_DIR] [driver args...]   # OUT_DIR default: $OUT, else benchmarks/results
 #   BUDGET_S=60 benchmarks/gpu/run.sh "$OUT" --sizes 124M  # a shorter first look
 #   BUDGET_S=200 benchmarks/gpu/run.sh "$OUT" --sweep-s 60  # first, up to 60 s of the budget:
-#                                   # the Triton kernels at each (BLOCK, num_warps) of driver.SWEEP
-#   BUDGET_S=200 benchmarks/gpu/run.sh "$OUT" --caps-s 60  # the Triton plain pass at each
-#                                   # register cap of driver.CAPS
+#                                   # the Triton kernels at each tiling of driver.PLAIN_SWEEP
+#                                   # and EXACT_SWEEP
+#   PYTEST_ARGS="-k 'not every_uniform'" benchmarks/gpu/run.sh ...   # a narrower test run
 #
 # Expects python3 with a CUDA torch, triton, pytest and pytest-benchmark already installed
 # (PYTHON=... to pick another interpreter). Leaves the card's settings alone.
@@ -39,7 +39,8 @@ fi
 $PY -c "import zo_opt; print('backends', zo_opt.available_backends(), zo_opt.unavailable_backends())"
 
 say "pytest -m gpu tests"
-timeout 180 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider --durations=8 >"$OUT_DIR/pytest-gpu.log" 2>&1
+eval "timeout 180 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider --durations=8 ${PYTEST_ARGS:-}" \
+  >"$OUT_DIR/pytest-gpu.log" 2>&1
 rc=$?; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/pytest-gpu.log" | tail -25; say "pytest exit $rc"
 
 say "benchmarks"
