@@ -158,7 +158,7 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
 # maxnreg), and the exact kernel's (BLOCK, num_warps) pairs.
 PLAIN_SWEEP = ((4096, 8), (4096, 8, 1, 80), (4096, 8, 1, 64), (2048, 8), (1024, 4),
                (4096, 8, 2), (4096, 8, 2, 80), (4096, 8, 2, 64), (2048, 4, 2),
-               (8192, 16, 2), (8192, 16, 2, 56), (8192, 8, 2, 64))
+               (8192, 16, 2), (8192, 8, 2, 64), (8192, 8, 2, 72))
 EXACT_SWEEP = ((1024, 4), (1024, 2), (2048, 4), (2048, 8))
 
 
