@@ -30,6 +30,13 @@ def device():
     return torch.device("cpu" if noise_axpby.INTERPRETED else "cuda")
 
 
+def restored(p, start):
+    """Bit for bit, NaN payloads included under the interpreter (numpy keeps them, and the
+    table gives theta's bits back); compiled, NaN as NaN: the last pass's alpha * theta
+    returns the GPU's canonical NaN."""
+    return torch.equal(bits(p), bits(start)) if noise_axpby.INTERPRETED else same_bits(p, start)
+
+
 def make_params(sizes, dtypes, **kw):
     return exact_pair.make_params(sizes, dtypes, device(), **kw)
 
@@ -54,7 +61,7 @@ def test_schedule_matches_reference_and_restores(dtype, distribution):
     pair = Pair(params, noise.offsets(sizes), distribution)
     central_schedule(pair, [5, 2**64 - 1])
     for p, s in zip(params, start):
-        assert torch.equal(bits(p), bits(s))  # NaN payloads included (from the table)
+        assert restored(p, s)
     assert (pair.kc == exact.ESC).sum() >= 15  # the table was exercised
 
 
@@ -81,7 +88,7 @@ def test_counters_above_2_32(distribution, base_offset):
     start = [p.clone() for p in params]
     central_schedule(pair, [2**40 + 3])
     for p, s in zip(params, start):
-        assert torch.equal(bits(p), bits(s))
+        assert restored(p, s)
 
 
 def test_many_old_and_new_seeds():
@@ -93,7 +100,7 @@ def test_many_old_and_new_seeds():
     pair = Pair(params, noise.offsets(sizes), "rademacher")
     many_seeds_schedule(pair)
     for p, s in zip(params, start):
-        assert torch.equal(bits(p), bits(s))
+        assert restored(p, s)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,8 +16,10 @@ Tiles are laid out as noise_axpby.py's (tensor_table.py rows), at this kernel's 
 (CONFIG, below): [BLOCK/W, W] for Gaussian noise (W: one 16-byte vector, 4 in unaligned
 tiles), [BLOCK/128, 128] for Rademacher. The ESC count is an exclusive tl.cumsum along the
 rows of a [BLOCK/128, 128] view (one row is one table chunk: offsets and code_base are
-128-aligned); the stochastic-rounding words take one Philox call per 4 elements, in the
-Gaussian rows' layout or, in Rademacher tiles, joined from a row's 32 counters.
+128-aligned), and the table's bits are read with a predicated PTX load (_gather) where
+compiled; Rademacher z enters as its sign xored into the scale. The stochastic-rounding words
+take one Philox call per 4 elements, in the Gaussian rows' layout or, in Rademacher tiles,
+joined from a row's 32 counters.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, _philox, load_tile, quad_tile, rademacher_signs, rn_bf16_bits,
-                          row_counters, store_tile, tile)
+from .noise_axpby import (DTYPES, INTERPRETED, _philox, load_tile, quad_tile, rademacher_signs,
+                          rn_bf16_bits, row_counters, signed, store_tile, tile)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
@@ -57,6 +59,7 @@ def launch_options(encode: bool, warps: int) -> dict:
 
 CHUNK_C = tl.constexpr(CHUNK)
 ESC_C = tl.constexpr(ESC)
+GATHER_BY_LOAD = tl.constexpr(INTERPRETED)  # read by _gather: the interpreter runs no PTX
 # max(dtype) / 2: above it theta + s could overflow (zo_opt.exact.big), exact in float32
 BIGS = {dt: torch.finfo(dt).max / 2 for dt in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -126,13 +129,15 @@ def special(theta, tau, BIG: tl.constexpr):
 
 
 @triton.jit
-def _z_tile(seed, j, RADEMACHER: tl.constexpr, WIDTH: tl.constexpr):
+def _noise_term(seed, c, j, RADEMACHER: tl.constexpr, WIDTH: tl.constexpr):
+    """c * z(seed) in the tile's layout. Rademacher: c with z's sign xored in (exact, as the
+    product is), where a +-1.0 z took two logic instructions and a multiply an element."""
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     if RADEMACHER:
-        return (rademacher_signs(k0, k1, j, 1) | 0x3F800000).to(tl.float32, bitcast=True)  # +-1.0
+        return signed(c, rademacher_signs(k0, k1, j, 1))
     else:
-        return quad_tile(k0, k1, j, WIDTH, True)
+        return c * quad_tile(k0, k1, j, WIDTH, True)
 
 
 @triton.jit
@@ -164,6 +169,41 @@ def _exclusive_count(esc, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _chunk_bases(chunk_base_ptr, pos0, idx, esc, n_in, BLOCK: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    """chunk_base of each ESC element's chunk (0 elsewhere). Rademacher tiles load it once a
+    row, where one load an element (64-bit index arithmetic included) took about 8
+    instructions an element: a tensor starts a tile on a chunk (its offset is 128-aligned),
+    so a row holds elements of the tensor where its first slot does (slot < n_in). Gaussian
+    tiles, where a thread holds one or two short rows, keep a load an element: loaded a row,
+    ptxas fit the bfloat16 rounding pass to 64 registers and spilled."""
+    if WIDTH == 128:
+        first = tl.arange(0, BLOCK // WIDTH) * WIDTH
+        base = tl.load(chunk_base_ptr + (pos0 >> 7) + (first >> 7), mask=first < n_in, other=0)
+        return base[:, None]
+    else:
+        return tl.load(chunk_base_ptr + ((pos0 + idx) >> 7), mask=esc, other=0)
+
+
+@triton.jit
+def _gather(ptrs, mask):
+    """tl.load(ptrs, mask=mask, other=0) for scattered pointers (the side table's bits),
+    compiled as a predicated ld.global an element in the tile's own layout. As a tl.load,
+    Triton lays the load out after its pointers' contiguity, none in either dim here: Triton
+    3.6 breaks that tie toward the rows (noise_axpby.ROWS_FIRST) and gave the load, and the
+    ESC count and decode it drew along, a layout of their own, with shared-memory conversions
+    around them (about 40 SASS instructions an element in Rademacher tiles). An elementwise
+    inline asm takes its operands' layout on every version."""
+    if GATHER_BY_LOAD:
+        return tl.load(ptrs, mask=mask, other=0)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }",
+            "=r,l,r", [ptrs.to(tl.int64, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+            is_pure=True, pack=1)
+
+
+@triton.jit
 def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old, n_new,
                  codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
                  DECODE: tl.constexpr, ENCODE: tl.constexpr,
@@ -182,8 +222,8 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
         WIDTH: tl.constexpr = VEC  # a 16-byte vector a row, as in noise_axpby_kernel
     else:
         WIDTH: tl.constexpr = 4
-    ptrs, idx, mask, interior, g0, _ = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH, ALIGNED,
-                                            VEC, BLOCK, 1)
+    ptrs, idx, mask, interior, g0, n_in = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH,
+                                               ALIGNED, VEC, BLOCK, 1)
     pos0 = tl.multiple_of(g0 - code_base, CHUNK_C)  # the tile's first code (128-aligned)
     cptrs = codes_ptr + pos0 + idx
     x = load_tile(ptrs, mask, interior)
@@ -210,22 +250,22 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     flip = (pair & (tl.load(seeds_ptr, mask=pair) == tl.load(seeds_ptr + 1, mask=pair))
             & (tl.load(scales_ptr + 2, mask=pair) == -tl.load(scales_ptr + 1, mask=pair)))
     for i in range(n_old):
-        z = _z_tile(tl.load(seeds_ptr + i), j, RADEMACHER, WIDTH)
-        s_old = s_old + tl.load(scales_ptr + 1 + i) * z
+        s_old = s_old + _noise_term(tl.load(seeds_ptr + i), tl.load(scales_ptr + 1 + i), j,
+                                    RADEMACHER, WIDTH)
     for i in range(flip.to(tl.int32), n_new):
-        z = _z_tile(tl.load(seeds_ptr + n_old + i), j, RADEMACHER, WIDTH)
-        s_new = s_new + tl.load(scales_ptr + 1 + n_old + i) * z
+        s_new = s_new + _noise_term(tl.load(seeds_ptr + n_old + i),
+                                    tl.load(scales_ptr + 1 + n_old + i), j, RADEMACHER, WIDTH)
     s_new = tl.where(flip, zero - s_old, s_new)
 
     if DECODE:
         code = load_tile(cptrs, mask, interior).to(tl.int32)
         esc = code == ESC_C
         t = _rn_bits(xf - s_old, DT)
-        decoded = (t ^ (t & MAG)) | ((t & MAG) + code)
-        count = _exclusive_count(esc, BLOCK, WIDTH)
-        chunk = (pos0 + idx) >> 7
-        base = tl.load(chunk_base_ptr + chunk, mask=esc, other=0)
-        looked_up = tl.load(bits_ptr + (base + count), mask=esc, other=0)
+        # sign(t) | (mag(t) + code) as one add: mag(t) + code is the encoded mag(theta),
+        # in [0, MAG], so the add carries nothing into the sign bit.
+        decoded = t + code
+        base = _chunk_bases(chunk_base_ptr, pos0, idx, esc, n_in, BLOCK, WIDTH)
+        looked_up = _gather(bits_ptr + (base + _exclusive_count(esc, BLOCK, WIDTH)), esc)
         theta_bits = tl.where(esc, looked_up, decoded)
         theta = _to_f32(theta_bits, DT)
     else:
