@@ -43,6 +43,13 @@ eval "timeout 180 $PY -m pytest -m gpu tests -q -rs -p no:cacheprovider --durati
   >"$OUT_DIR/pytest-gpu.log" 2>&1
 rc=$?; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/pytest-gpu.log" | tail -25; say "pytest exit $rc"
 
+say "the Triton kernels' interpreter tests, compiled on the GPU (the same element-by-element checks)"
+eval "timeout 150 $PY -m pytest tests/test_triton_backend.py tests/test_exact_triton.py \
+  tests/test_exact_table.py -m 'not gpu' -k 'not every_uniform' -q -p no:cacheprovider" \
+  >"$OUT_DIR/pytest-kernels-compiled.log" 2>&1
+rc=$?; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/pytest-kernels-compiled.log" | tail -15
+say "pytest exit $rc"
+
 say "benchmarks"
 timeout $((BUDGET_S + 30)) $PY benchmarks/gpu/driver.py --out "$OUT_DIR" --budget-s "$BUDGET_S" "$@"
 rc=$?; say "driver exit $rc; files in $OUT_DIR:"; ls -l "$OUT_DIR"
