@@ -103,6 +103,22 @@ def test_many_old_and_new_seeds():
         assert restored(p, s)
 
 
+@pytest.mark.parametrize("distribution", DISTS)
+def test_tiles_in_halves_match_reference(monkeypatch, distribution):
+    """A CONFIG whose programs run their tiles in two halves (kernel.CONFIG: block, warps,
+    halves) gives the reference's passes too: tensors end in either half, and the second
+    half's codes and table chunks are its own."""
+    monkeypatch.setattr(kernel, "CONFIG", (256, 1, 2))
+    sizes = (130, 300, 4096 + 200)
+    params = make_params(sizes, [torch.bfloat16, torch.float32, torch.float16], seed=5)
+    start = [p.clone() for p in params]
+    pair = Pair(params, noise.offsets(sizes), distribution)
+    central_schedule(pair, [9, 2**40 + 1])
+    for p, s in zip(params, start):
+        assert restored(p, s)
+    assert (pair.kc == exact.ESC).sum() >= 15
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_stochastic_rounding_matches_reference(dtype):
     """The last pass with stochastic rounding (rounding seed last): bit for bit the

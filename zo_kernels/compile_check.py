@@ -129,7 +129,7 @@ def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compile
                   "RADEMACHER": rademacher, "ALIGNED": aligned,
                   "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype],
                   "BIG": exact.BIGS[getattr(torch, TORCH_DTYPES[dtype])],
-                  "BLOCK": exact.CONFIG[0]}
+                  "BLOCK": exact.CONFIG[0], "HALVES": exact.CONFIG[2]}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16
              for name in (*EXACT_POINTER_ARGS, "code_base")}  # code_base: a multiple of 128

@@ -30,20 +30,23 @@ import triton
 import triton.language as tl
 
 from .noise_axpby import (DTYPES, INTERPRETED, _philox, load_tile, quad_tile, rademacher_signs,
-                          rn_bf16_bits, row_counters, signed, store_tile, tile)
+                          rn_bf16_bits, row_counters, signed, store_tile, tile_origin,
+                          tile_part)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
 ESC = -128
-# (BLOCK, num_warps) of the exact kernel. An element keeps about ten 32-bit values live (x,
-# s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element tiles
-# ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM. At 8
+# (BLOCK, num_warps, halves) of the exact kernel. An element keeps about ten 32-bit values
+# live (x, s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element
+# tiles ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM. At 8
 # elements a thread the variants compile_check reports take 63-82 uncapped under Triton 3.7
 # (up to 121 under 3.6). Of the sweep's pairs (benchmarks/gpu/driver.py --sweep-s, H200,
 # 124M), 1024-element tiles of 4 warps ran the three-pass cycle 8-12% faster than 2048 x 8
 # in float32 and bfloat16, Gaussian and Rademacher, and fastest of all but in bfloat16
-# Rademacher (2048 x 4, 8% faster again).
-CONFIG = (1024, 4)
+# Rademacher (2048 x 4, 8% faster again). Not yet timed: 2048 x 4 in halves, 16 elements a
+# thread (twice the bytes in flight) at 75-80 registers where one 2048-slot part spills,
+# which the Rademacher passes may want as the plain ones did (their Gaussian variants spill).
+CONFIG = (1024, 4, 1)
 # Passes that encode (the first, and the 2q - 1 middle ones of a step) launch capped at 80
 # registers: six 128-thread blocks an SM and no spills on Triton 3.6 to 3.9, where 3.6 took
 # 90-119 in the float32 and bfloat16 middle passes. The last pass runs uncapped:
@@ -208,31 +211,63 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
                  codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
                  DECODE: tl.constexpr, ENCODE: tl.constexpr,
                  ROUNDING: tl.constexpr, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
-                 VEC: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
+                 VEC: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr,
+                 HALVES: tl.constexpr):
     """One program: one BLOCK-slot tile of one tensor (tensor_table.py rows, as in
-    noise_axpby_kernel). DECODE: n_old > 0 (theta from codes)."""
-    DT: tl.constexpr = base_ptr.dtype.element_ty
-    if DT == tl.float32:
-        MAG: tl.constexpr = 0x7FFFFFFF
-    else:
-        MAG: tl.constexpr = 0x7FFF
+    noise_axpby_kernel), in HALVES parts (1 or 2) whose values are all loaded before any
+    part's noise. DECODE: n_old > 0 (theta from codes)."""
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
     elif ALIGNED:
         WIDTH: tl.constexpr = VEC  # a 16-byte vector a row, as in noise_axpby_kernel
     else:
         WIDTH: tl.constexpr = 4
-    ptrs, idx, mask, interior, g0, n_in = tile(base_ptr, rows_ptr, block_map_ptr, WIDTH,
-                                               ALIGNED, VEC, BLOCK, 1)
-    pos0 = tl.multiple_of(g0 - code_base, CHUNK_C)  # the tile's first code (128-aligned)
-    cptrs = codes_ptr + pos0 + idx
+    PART: tl.constexpr = BLOCK // HALVES
+    origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
+    ptrs, idx, mask, interior, g0, n_in = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC,
+                                                    PART, 1)
     x = load_tile(ptrs, mask, interior)
+    if HALVES == 2:
+        ptrs2, idx2, mask2, interior2, g2, n_in2 = tile_part(base_ptr, origin, PART, WIDTH,
+                                                             ALIGNED, VEC, PART, 1)
+        x2 = load_tile(ptrs2, mask2, interior2)
+    DT: tl.constexpr = base_ptr.dtype.element_ty
+    _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
+                n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
+                ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART)
+    if HALVES == 2:
+        _exact_part(x2, ptrs2, idx2, mask2, interior2, g2, n_in2, seeds_ptr,
+                    scales_ptr, n_old, n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr,
+                    tau, DECODE, ENCODE, ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART)
+
+
+@triton.jit
+def _first_code(g0, code_base):
+    """The position in codes of the part's first element (128-aligned)."""
+    return tl.multiple_of(g0 - code_base, CHUNK_C)
+
+
+@triton.jit
+def _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
+                n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
+                DECODE: tl.constexpr, ENCODE: tl.constexpr, ROUNDING: tl.constexpr,
+                RADEMACHER: tl.constexpr, BIG: tl.constexpr, DT: tl.constexpr,
+                WIDTH: tl.constexpr, SLOTS: tl.constexpr):
+    """The exact pass over one part of SLOTS slots (tile_part's values for it), its values x
+    already loaded: decode, displace, store, encode. Its codes are loaded after the noise:
+    held across the seed loops, they took ptxas (sm_90) from 64 to 79 registers and to
+    spills in 16-bit passes of 1024 x 4."""
+    if DT == tl.float32:
+        MAG: tl.constexpr = 0x7FFFFFFF
+    else:
+        MAG: tl.constexpr = 0x7FFF
+    pos0 = _first_code(g0, code_base)
     xbits = _bits_of(x, DT)
     xf = _to_f32(xbits, DT)
     if RADEMACHER:
-        j = row_counters(g0 >> 7, BLOCK // WIDTH, 1)
+        j = row_counters(g0 >> 7, SLOTS // WIDTH, 1)
     else:
-        j = row_counters(g0 >> 2, BLOCK // WIDTH, WIDTH // 4)
+        j = row_counters(g0 >> 2, SLOTS // WIDTH, WIDTH // 4)
 
     # The displacements, each from +0 in the reference's order. +0 matters: RN(-0 - (+0))
     # keeps -0. The zero is made out of x's bits, in a form the compiler does not fold to a
@@ -258,14 +293,14 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     s_new = tl.where(flip, zero - s_old, s_new)
 
     if DECODE:
-        code = load_tile(cptrs, mask, interior).to(tl.int32)
+        code = load_tile(codes_ptr + pos0 + idx, mask, interior).to(tl.int32)
         esc = code == ESC_C
         t = _rn_bits(xf - s_old, DT)
         # sign(t) | (mag(t) + code) as one add: mag(t) + code is the encoded mag(theta),
         # in [0, MAG], so the add carries nothing into the sign bit.
         decoded = t + code
-        base = _chunk_bases(chunk_base_ptr, pos0, idx, esc, n_in, BLOCK, WIDTH)
-        looked_up = _gather(bits_ptr + (base + _exclusive_count(esc, BLOCK, WIDTH)), esc)
+        base = _chunk_bases(chunk_base_ptr, pos0, idx, esc, n_in, SLOTS, WIDTH)
+        looked_up = _gather(bits_ptr + (base + _exclusive_count(esc, SLOTS, WIDTH)), esc)
         theta_bits = tl.where(esc, looked_up, decoded)
         theta = _to_f32(theta_bits, DT)
     else:
@@ -285,7 +320,7 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     if ENCODE:
         t2 = _rn_bits(_to_f32(out, DT) - s_new, DT)
         k = (theta_bits & MAG) - (t2 & MAG)
-        store_tile(cptrs, tl.where(esc, ESC_C, k).to(tl.int8), mask, interior)
+        store_tile(codes_ptr + pos0 + idx, tl.where(esc, ESC_C, k).to(tl.int8), mask, interior)
 
 
 def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int], block: int) -> list:
@@ -310,7 +345,7 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     params' device: no copy, no host sync, so it can be graph-captured.
 
     Offsets and code_base must be multiples of 128 (the table's chunks, docs/EXACT.md)."""
-    block, warps = CONFIG
+    block, warps, halves = CONFIG
     launches = dtype_launches(params, offsets, block)
 
     def run(seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
@@ -340,6 +375,6 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
                     ROUNDING=bool(rounding), RADEMACHER=distribution == "rademacher",
                     ALIGNED=tt.aligned,
                     VEC=VECTOR_BYTES // ps[0].element_size(), BIG=BIGS[ps[0].dtype],
-                    BLOCK=block, **launch_options(bool(encode), warps))
+                    BLOCK=block, HALVES=halves, **launch_options(bool(encode), warps))
 
     return run

@@ -155,18 +155,18 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
 
 
 # The plain pass's candidate tilings (zo_kernels.noise_axpby.Tiling: block, warps, halves,
-# maxnreg), and the exact kernel's (BLOCK, num_warps) pairs.
+# maxnreg), and the exact kernel's (zo_kernels.exact.CONFIG: block, warps, halves).
 PLAIN_SWEEP = ((4096, 8), (4096, 8, 1, 80), (4096, 8, 1, 64), (2048, 8), (1024, 4),
                (4096, 8, 2), (4096, 8, 2, 80), (4096, 8, 2, 64), (2048, 4, 2),
                (8192, 16, 2), (8192, 8, 2, 64), (8192, 8, 2, 72))
-EXACT_SWEEP = ((1024, 4), (1024, 2), (2048, 4), (2048, 8))
+EXACT_SWEEP = ((1024, 4, 1), (2048, 4, 1), (2048, 4, 2), (4096, 8, 2))
 
 
 def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
                configs=EXACT_SWEEP, dtypes=tuple(DTYPES)) -> list[dict]:
     """The Triton kernels per dtype and distribution as % of copy: the plain pass at each of
     ``tilings`` (the best goes into zo_kernels.noise_axpby.TILINGS), then the exact pass cycle
-    at each (BLOCK, num_warps) of ``configs`` (zo_kernels.exact.CONFIG)."""
+    at each (block, warps, halves) of ``configs`` (zo_kernels.exact.CONFIG)."""
     from zo_kernels import exact as exact_kernels, noise_axpby
 
     def variants(params, dist):
@@ -175,9 +175,10 @@ def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
                   lambda: workloads.make_pass("zo-opt[triton]", params, dist))
                  for t in [noise_axpby.Tiling(*c) for c in tilings]]
         # the exact runner reads CONFIG on its first pass
-        cycle = [(f"BLOCK={b} warps={w}", 3, mock.patch.object(exact_kernels, "CONFIG", (b, w)),
+        cycle = [(_tiling_name(noise_axpby.Tiling(*c)), 3,
+                  mock.patch.object(exact_kernels, "CONFIG", tuple(c)),
                   lambda: workloads.make_pass_cycle("triton", params, dist, exact=True))
-                 for b, w in configs]
+                 for c in configs]
         return (("plain pass", plain), ("exact 3-pass cycle", cycle))
 
     return _variant_rows("sweep", size, device, reps, budget, dtypes, variants)
@@ -521,7 +522,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--sweep-s", type=float, default=0.0,
                     help="first spend up to this many seconds of the budget timing the Triton "
                          "plain pass at each tiling of PLAIN_SWEEP and the exact pass at each "
-                         "(BLOCK, num_warps) of EXACT_SWEEP (0: no sweep)")
+                         "of EXACT_SWEEP (0: no sweep)")
     ap.add_argument("--small-sizes", default="20M",
                     help="models whose q=1 steps are timed too, where host work weighs more")
     args = ap.parse_args(argv)
