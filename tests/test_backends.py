@@ -151,8 +151,9 @@ def test_auto_picks_the_cpu_backend_when_built():
 
 def test_auto_on_cuda_tensors_picks_per_distribution(monkeypatch):
     """On CUDA tensors auto tries triton first for Gaussian passes and cuda first for
-    Rademacher ones (AUTO_ORDER: the faster of each on the H200), and falls back to the other,
-    then to torch. Stand-in backends and tensor: no GPU is needed to check the choice."""
+    Rademacher ones (AUTO_ORDER: the faster of each on the H200), triton first for exact ones
+    of either (EXACT_AUTO_ORDER), and falls back to the other, then to torch. Stand-in backends
+    and tensor: no GPU is needed to check the choice."""
     from types import SimpleNamespace
 
     def fake(name, ok=True):
@@ -165,10 +166,26 @@ def test_auto_on_cuda_tensors_picks_per_distribution(monkeypatch):
     assert backends.resolve("auto", on_gpu, "gaussian").name == "triton"
     assert backends.resolve("auto", on_gpu, "rademacher").name == "cuda"
     assert backends.resolve("auto", on_gpu).name == "triton"  # Gaussian: the default
+    for distribution in ("gaussian", "rademacher"):
+        assert backends.resolve("auto", on_gpu, distribution, exact=True).name == "triton"
+    assert backends.resolve("cuda", on_gpu, "rademacher", exact=True).name == "cuda"  # named
     backends.BACKENDS["triton"] = fake("triton", ok=False)
     assert backends.resolve("auto", on_gpu, "gaussian").name == "cuda"
+    assert backends.resolve("auto", on_gpu, "gaussian", exact=True).name == "cuda"
     backends.BACKENDS["cuda"] = fake("cuda", ok=False)
     assert backends.resolve("auto", on_gpu, "rademacher").name == "torch"
+
+
+def test_exact_lists_take_the_exact_auto_order(monkeypatch):
+    """The optimizer in exact mode prepares its parameters for exact passes
+    (EXACT_AUTO_ORDER), one in plain mode for its distribution (AUTO_ORDER): told apart here
+    by an exact order that skips the C++ backend."""
+    monkeypatch.setattr(backends, "EXACT_AUTO_ORDER", {"cpu": ("torch",)})
+    for exact, name in ((True, "torch"), (False, "cpu")):
+        p = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
+        opt = zo_opt.ZOOptimizer([p], lr=1e-3, q=1, seed=1, exact=exact)
+        opt.step(lambda: p.float().square().sum())
+        assert {b.name for b, *_ in opt._plans[("params", 0)].work} == {name}
 
 
 def test_prepared_rejects_an_unknown_distribution():

@@ -255,7 +255,7 @@ def cuda():
 
 
 @pytest.mark.gpu
-def test_auto_picks_triton_for_gaussian_and_cuda_for_rademacher(cuda):
+def test_auto_picks_per_distribution_and_triton_for_exact_passes(cuda):
     if "triton" not in zo_opt.available_backends():
         pytest.skip("triton is not available here")
     t = torch.zeros(4, device="cuda")
@@ -264,6 +264,8 @@ def test_auto_picks_triton_for_gaussian_and_cuda_for_rademacher(cuda):
     for distribution, name in (("gaussian", "triton"), ("rademacher", "cuda")):
         plan = zo_opt.functional.Prepared([t], distribution=distribution)
         assert [b.name for b, *_ in plan.work] == [name]
+        exact = zo_opt.functional.Prepared([t], distribution=distribution, exact=True)
+        assert [b.name for b, *_ in exact.work] == ["triton"]  # exact passes: EXACT_AUTO_ORDER
 
 
 def call(backend, params, seeds, scales, distribution, base=0):

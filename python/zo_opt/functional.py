@@ -62,13 +62,14 @@ class Prepared:
     (backend, device, dtype) and no work per tensor. The tables hold the tensors' addresses:
     :meth:`matches` says whether ``params`` still live where they did (``p.data = ...``
     moves them), and a caller prepares again when they do not. ``distribution`` is the one
-    the passes will mostly draw: ``backend="auto"`` picks the backend for it
-    (``backends.AUTO_ORDER``); passes of the other still run, on that backend.
+    the passes will mostly draw, and ``exact`` whether they will be exact ones (docs/EXACT.md):
+    ``backend="auto"`` picks the backend for them (``backends.AUTO_ORDER``,
+    ``EXACT_AUTO_ORDER``); the other kinds of pass still run, on that backend.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], *, backend: str = "auto",
                  offsets: Sequence[int] | None = None, base_offset: int = 0,
-                 distribution: str = "gaussian"):
+                 distribution: str = "gaussian", exact: bool = False):
         params = check_params(params)
         backends.check_name(backend)
         noise.check_distribution(distribution)
@@ -82,7 +83,7 @@ class Prepared:
         work: dict[tuple[str, torch.device], tuple[list, list]] = {}
         for p, o in zip(params, offsets):
             if p.numel():
-                name = backends.resolve(backend, p, distribution).name
+                name = backends.resolve(backend, p, distribution, exact).name
                 ps, os_ = work.setdefault((name, p.device), ([], []))
                 ps.append(p)
                 os_.append(o)
@@ -184,7 +185,8 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Sca
                      base_offset=base_offset)
         return
     seeds = [noise.check_seed(s) for s in seeds] + [noise.check_seed(rounding_seed)]
-    plan = Prepared(params, backend=backend, base_offset=base_offset, distribution=distribution)
+    plan = Prepared(params, backend=backend, base_offset=base_offset, distribution=distribution,
+                    exact=True)
     for device, _ in plan.runners:
         codes, table = exact.no_state(device)
         plan.exact_pass_(seeds_on(seeds, device), _scales_on(scales, device), 0, codes, 0,

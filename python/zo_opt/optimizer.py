@@ -266,7 +266,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         plan = self._plans.get((kind, k))
         if plan is None or not plan.matches(tensors):
             plan = self._plans[(kind, k)] = Prepared(tensors, backend=self.backend, offsets=offsets,
-                                                     distribution=self.distribution)
+                                                     distribution=self.distribution,
+                                                     exact=self.exact and kind == "params")
         return plan
 
     def _groups(self) -> tuple[list, set]:
