@@ -47,7 +47,8 @@ class Tiling(NamedTuple):
 # 3.6 and 3.7) and H200 timings (benchmarks/gpu/driver.py --sweep-s; results of 2026-11-29).
 # float32 Rademacher passes, bound by memory, capped at 80 fit three 256-thread blocks an SM
 # where they took 99 registers (two), no spills on Triton 3.6 to 3.9: 88% of copy. The other
-# kinds run in two halves. 16-bit Rademacher ones, at 69% of copy with 32 bytes a thread
+# kinds run in two halves, chosen from the compiled code and not yet timed as they stand
+# (benchmarks/gpu/NOTES.md). 16-bit Rademacher ones, at 69% of copy with 32 bytes a thread
 # whatever the cap (48 to 80), now take the CUDA kernel's 64 bytes a thread (85%) at its
 # occupancy: 8192-slot programs of 8 warps, capped at 64 registers for four blocks an SM
 # (Triton 3.6 spills 16 bytes, 3.7 to 3.9 none; its seed loop, 7.7 SASS instructions an
