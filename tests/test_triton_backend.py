@@ -102,24 +102,26 @@ def test_offsets_example(kat):
 
 
 @triton.jit
-def _box_muller_of_words(words_ptr, out_ptr, BLOCK: tl.constexpr):
+def _box_muller_of_words(words_ptr, out_ptr, BLOCK: tl.constexpr, FUSED: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(words_ptr + offs).to(tl.uint32, bitcast=True)
-    z0, z1 = kernels._box_muller(w, w)
+    z0, z1 = kernels._box_muller(w, w, FUSED)
     tl.store(out_ptr + 2 * offs, z0)
     tl.store(out_ptr + 2 * offs + 1, z1)
 
 
-def test_box_muller_on_every_uniform():
+@pytest.mark.parametrize("fused", [False, True])
+def test_box_muller_on_every_uniform(fused):
     """The kernels' float32 log and cos/sin of 2 pi u (polynomials, not libdevice) on all 2^23
     uniforms u = (m + 1/2) 2^-23 that NOISE.md can draw: r cos and r sin within the
-    contract's 2e-5 of the same formula in float64, everywhere (the tails included). On a
-    GPU too (test_gpu_box_muller_on_every_uniform), where the compiler contracts to fma."""
+    contract's 2e-5 of the same formula in float64, everywhere (the tails included), as the
+    plain pass writes them (fused=False: the GPU's compiler contracts them to fma) and as
+    the exact pass does (fmas spelled out). On a GPU too (test_gpu_box_muller_on_every_uniform)."""
     m = torch.arange(2**23, dtype=torch.int64)
     words = (m << 9).to(torch.int32).to(device_for_kernels())  # uint32 bits, wrapped
     out = torch.empty(2 * m.numel(), device=words.device)
     block = 2**16
-    _box_muller_of_words[(m.numel() // block,)](words, out, BLOCK=block)
+    _box_muller_of_words[(m.numel() // block,)](words, out, BLOCK=block, FUSED=fused)
     u = (m.double() + 0.5) * 2.0**-23
     r, t = torch.sqrt(-2 * torch.log(u)), 2 * torch.pi * u
     err = (out.cpu().double().view(-1, 2) - torch.stack([r * torch.cos(t), r * torch.sin(t)], 1)).abs()
@@ -297,8 +299,9 @@ GPU_SIZES = (1, 127, 129, 768, 3 * 768 * 768 + 5, 1 << 22)
 
 @pytest.mark.gpu
 @needs_compiled
-def test_gpu_box_muller_on_every_uniform():
-    test_box_muller_on_every_uniform()
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_box_muller_on_every_uniform(fused):
+    test_box_muller_on_every_uniform(fused)
 
 
 @pytest.mark.gpu

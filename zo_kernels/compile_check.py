@@ -74,6 +74,7 @@ def summary(compiled) -> dict:
     return {"cubin_bytes": len(compiled.asm["cubin"]),
             "approx": sorted(set(re.findall(r"\b\w+\.approx[\w.]*", ptx))),
             "fma": sorted(set(re.findall(r"\bfma\.[\w.]*", ptx))),
+            "fma_count": len(re.findall(r"\bfma\.[\w.]*", ptx)),
             "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
             "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
             "mul_hi": len(re.findall(r"\bmul\.hi\.u32", ptx)),

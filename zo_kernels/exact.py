@@ -1,7 +1,8 @@
 """The exact pass of docs/EXACT.md as a multi-tensor Triton kernel (one launch per dtype).
 
 Per element at global index g (all arithmetic float32, no FMA contraction: every launch
-passes ``enable_fp_fusion=False``, so decode and encode compute ``RN(p - s)`` identically):
+passes ``enable_fp_fusion=False``, so decode and encode compute ``RN(p - s)`` identically;
+the only fmas are the ones Box-Muller's polynomials spell out, alike in every pass):
 
     s_old = sum_i a_i z(old_i, g);  s_new = sum_j c_j z(new_j, g)      (from +0, seed order)
     theta = p                                            with no old seeds
@@ -140,7 +141,7 @@ def _noise_term(seed, c, j, RADEMACHER: tl.constexpr, WIDTH: tl.constexpr):
     if RADEMACHER:
         return signed(c, rademacher_signs(k0, k1, j, 1))
     else:
-        return c * quad_tile(k0, k1, j, WIDTH, True)
+        return c * quad_tile(k0, k1, j, WIDTH, True, True)
 
 
 @triton.jit
@@ -156,7 +157,7 @@ def _word_tile(seed, j, WIDTH: tl.constexpr):
         w = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [R, 32, 2, 2]: word 2 i + k at (i, k)
         return tl.reshape(w, (w.shape[0], 128))
     else:
-        return quad_tile(k0, k1, j, WIDTH, False)
+        return quad_tile(k0, k1, j, WIDTH, False, True)
 
 
 @triton.jit

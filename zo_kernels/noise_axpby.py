@@ -124,30 +124,42 @@ def _uniform(w):
 
 
 @triton.jit
-def _log(x):
+def _madd(a, b, c, FUSED: tl.constexpr):
+    """a * b + c: one fma with FUSED. The plain pass leaves its multiply-adds to the compiler,
+    which contracts them (spelled out, the same arithmetic took ptxas to a spill in one
+    variant); the exact pass, compiled with no contraction, spells Box-Muller's out, where
+    each would otherwise take two instructions."""
+    if FUSED:
+        return tl.fma(a, b, c)
+    else:
+        return a * b + c
+
+
+@triton.jit
+def _log(x, FUSED: tl.constexpr):
     """ln x for normal positive float32 x: csrc/zo_noise.h's host_logf (Cephes logf, mantissa
     reduced to [sqrt(1/2), sqrt(2)) on the bits, degree-9 polynomial; a few ulp)."""
     t = x.to(tl.uint32, bitcast=True) + (0x00800000 - 0x003504F4)
     e = (t >> 23).to(tl.int32) - 127
     f = ((t & 0x007FFFFF) + 0x3F3504F4).to(tl.float32, bitcast=True) - 1.0
     z = f * f
-    y = 7.0376836292e-2 * f - 1.1514610310e-1
-    y = y * f + 1.1676998740e-1
-    y = y * f - 1.2420140846e-1
-    y = y * f + 1.4249322787e-1
-    y = y * f - 1.6668057665e-1
-    y = y * f + 2.0000714765e-1
-    y = y * f - 2.4999993993e-1
-    y = y * f + 3.3333331174e-1
+    y = _madd(7.0376836292e-2, f, -1.1514610310e-1, FUSED)
+    y = _madd(y, f, 1.1676998740e-1, FUSED)
+    y = _madd(y, f, -1.2420140846e-1, FUSED)
+    y = _madd(y, f, 1.4249322787e-1, FUSED)
+    y = _madd(y, f, -1.6668057665e-1, FUSED)
+    y = _madd(y, f, 2.0000714765e-1, FUSED)
+    y = _madd(y, f, -2.4999993993e-1, FUSED)
+    y = _madd(y, f, 3.3333331174e-1, FUSED)
     y = y * f * z
     fe = e.to(tl.float32)
-    y += -2.12194440e-4 * fe
-    y += -0.5 * z
-    return (f + y) + 0.693359375 * fe
+    y = _madd(-2.12194440e-4, fe, y, FUSED)
+    y = _madd(-0.5, z, y, FUSED)
+    return _madd(0.693359375, fe, f + y, FUSED)
 
 
 @triton.jit
-def _cos_sin_2pi(w):
+def _cos_sin_2pi(w, FUSED: tl.constexpr):
     """cos and sin of 2 pi u, u = _uniform(w): csrc/zo_noise.h's host_sincos2pi_word (the
     quarter turn found exactly on the bits, Cephes polynomials on [-pi/4, pi/4])."""
     m = w >> 9
@@ -155,9 +167,10 @@ def _cos_sin_2pi(w):
     d = m.to(tl.int32) - (k << 21).to(tl.int32)
     a = 6.283185307179586 * ((d.to(tl.float32) + 0.5) * 1.1920928955078125e-07)
     a2 = a * a
-    s = a + a * a2 * (-1.6666654611e-1 + a2 * (8.3321608736e-3 + a2 * -1.9515295891e-4))
-    c = 1.0 - 0.5 * a2 + a2 * a2 * (4.166664568298827e-2
-                                    + a2 * (-1.388731625493765e-3 + a2 * 2.443315711809948e-5))
+    s = _madd(a * a2, _madd(a2, _madd(a2, -1.9515295891e-4, 8.3321608736e-3, FUSED),
+                            -1.6666654611e-1, FUSED), a, FUSED)
+    c = _madd(a2 * a2, _madd(a2, _madd(a2, 2.443315711809948e-5, -1.388731625493765e-3, FUSED),
+                             4.166664568298827e-2, FUSED), _madd(-0.5, a2, 1.0, FUSED), FUSED)
     swap = (k & 1) != 0
     c_sign = ((k + 1) & 2) << 30  # quadrants 1, 2
     s_sign = (k & 2) << 30  # quadrants 2, 3
@@ -167,35 +180,35 @@ def _cos_sin_2pi(w):
 
 
 @triton.jit
-def _box_muller(wr, wt):
+def _box_muller(wr, wt, FUSED: tl.constexpr):
     # The CPU backend's branch-free polynomials (|z - z_ref| < 1e-6 over all 2^23 uniforms),
     # not fast-math approximations: one formula for the GPU and the interpreter, so the tests
     # here run what the GPU runs, and cheaper than libdevice's log, sinpi and cospi.
-    r = tl.sqrt_rn(-2.0 * _log(_uniform(wr)))
-    c, s = _cos_sin_2pi(wt)
+    r = tl.sqrt_rn(-2.0 * _log(_uniform(wr), FUSED))
+    c, s = _cos_sin_2pi(wt, FUSED)
     return r * c, r * s
 
 
 @triton.jit
-def quad_tile(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr):
+def quad_tile(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr, FUSED: tl.constexpr):
     """A [R, WIDTH] tile (WIDTH 4 or 8) whose row r holds global indices 4 j[r] ..
     4 j[r] + WIDTH - 1: Gaussian z (NORMALS), or Philox's raw words (word g & 3 of counter
     g >> 2: the stochastic-rounding words). A row takes WIDTH/4 whole Philox calls, so that a
-    16-byte vector of a 16-bit type is one row and loads as one."""
-    t = _quads(k0, k1, j, WIDTH, NORMALS)
+    16-byte vector of a 16-bit type is one row and loads as one. FUSED: see _madd."""
+    t = _quads(k0, k1, j, WIDTH, NORMALS, FUSED)
     if WIDTH == 8:
-        t = tl.where(tl.arange(0, WIDTH)[None, :] < 4, t, _quads(k0, k1, j + 1, WIDTH, NORMALS))
+        t = tl.where(tl.arange(0, WIDTH)[None, :] < 4, t, _quads(k0, k1, j + 1, WIDTH, NORMALS, FUSED))
     return t
 
 
 @triton.jit
-def _quads(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr):
+def _quads(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr, FUSED: tl.constexpr):
     """The words (or normals) of counters j as a [R, WIDTH] tile: lane l of row r holds
     word l & 3."""
     w0, w1, w2, w3 = _philox(j, k0, k1)
     if NORMALS:
-        w0, w1 = _box_muller(w0, w1)
-        w2, w3 = _box_muller(w2, w3)
+        w0, w1 = _box_muller(w0, w1, FUSED)
+        w2, w3 = _box_muller(w2, w3, FUSED)
     lane = tl.arange(0, WIDTH)[None, :] & 3
     return tl.where(lane < 2, tl.where(lane == 0, w0[:, None], w1[:, None]),
                     tl.where(lane == 2, w2[:, None], w3[:, None]))
@@ -389,7 +402,7 @@ def _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER: tl.constexpr,
         if RADEMACHER:
             acc += signed(c, rademacher_signs(k0, k1, j, SPLIT))
         else:
-            acc += c * quad_tile(k0, k1, j, WIDTH, True)
+            acc += c * quad_tile(k0, k1, j, WIDTH, True, False)
     return _round_to(tl.load(scales_ptr) * x.to(tl.float32) + acc, DT)
 
 
