@@ -54,6 +54,12 @@ def versions(device: str) -> dict:
         import triton
 
         info["triton"] = triton.__version__
+        from zo_kernels import exact, noise_axpby
+
+        # what the rows outside the sweep ran (the tables of later runs differ)
+        info["triton_tilings"] = {f"{d} {size}-byte": list(t)
+                                  for (d, size), t in noise_axpby.TILINGS.items()}
+        info["triton_exact_config"] = list(exact.CONFIG)
     except ImportError:
         info["triton"] = "none"
     if torch.device(device).type == "cuda":
@@ -458,6 +464,9 @@ def table(rows: list[dict], info: dict) -> str:
             "its outside part against the MeZO-style loop, peak memory above the parameters "
             "of a step whose loss reads one element. SM MHz: the SM clock read just after the "
             "row was timed.", "",
+            *([f"Triton tilings (block, warps, halves, maxnreg) outside the sweep: "
+               f"{info['triton_tilings']}; exact pass (block, warps, halves): "
+               f"{info['triton_exact_config']}.", ""] if "triton_tilings" in info else []),
             "| workload | dtype | directions | implementation | time | GB/s | % of copy | speed-up vs MeZO-style | outside forwards | peak extra memory | SM MHz |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines = []
