@@ -66,12 +66,14 @@ def check_against_reference(sizes, dtypes, seeds, scales, distribution, device, 
 
 # --- selection -----------------------------------------------------------------------------
 
-def test_available_under_the_interpreter():
+def test_available_where_its_kernels_run():
+    """On CPU tensors under the interpreter, on CUDA ones compiled (run.sh runs this file
+    compiled on the GPU too)."""
     backend = BACKENDS["triton"]
     assert backend.unavailable_reason() is None
     for dt in DTYPES:
-        assert backend.supports(torch.zeros(1, dtype=dt))
-    assert not backend.supports(torch.zeros(1, dtype=torch.float64))
+        assert backend.supports(torch.zeros(1, dtype=dt, device=device_for_kernels()))
+    assert not backend.supports(torch.zeros(1, dtype=torch.float64, device=device_for_kernels()))
     assert resolve("auto", torch.zeros(1)).name == "cpu"  # auto keeps the C++ loops on CPU
 
 
