@@ -38,10 +38,10 @@ from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 CHUNK = 128
 ESC = -128
 # (BLOCK, num_warps, halves) of the exact kernel. An element keeps about ten 32-bit values
-# live (x, s_old, s_new, code, theta, its ESC count, ...): with the plain pass's 4096-element
-# tiles ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread block per SM. At 8
-# elements a thread the variants compile_check reports take 63-82 uncapped under Triton 3.7
-# (up to 121 under 3.6). Of the sweep's pairs (benchmarks/gpu/driver.py --sweep-s, H200,
+# live (x, s_old, s_new, code, theta, its ESC count, ...): with the plain pass's
+# 4096-element tiles ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread
+# block per SM. At 8 elements a thread the variants compile_check reports take 63-82
+# uncapped under Triton 3.7 (up to 121 under 3.6). Of the sweep's pairs (benchmarks/gpu/driver.py --sweep-s, H200,
 # 124M), 1024-element tiles of 4 warps ran the three-pass cycle 8-12% faster than 2048 x 8
 # in float32 and bfloat16, Gaussian and Rademacher, and fastest of all but in bfloat16
 # Rademacher (2048 x 4, 8% faster again). Not yet timed: 2048 x 4 in halves, 16 elements a
@@ -243,12 +243,6 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
 
 
 @triton.jit
-def _first_code(g0, code_base):
-    """The position in codes of the part's first element (128-aligned)."""
-    return tl.multiple_of(g0 - code_base, CHUNK_C)
-
-
-@triton.jit
 def _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
                 n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
                 DECODE: tl.constexpr, ENCODE: tl.constexpr, ROUNDING: tl.constexpr,
@@ -262,7 +256,7 @@ def _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n
         MAG: tl.constexpr = 0x7FFFFFFF
     else:
         MAG: tl.constexpr = 0x7FFF
-    pos0 = _first_code(g0, code_base)
+    pos0 = tl.multiple_of(g0 - code_base, CHUNK_C)  # the part's first code (128-aligned)
     xbits = _bits_of(x, DT)
     xf = _to_f32(xbits, DT)
     if RADEMACHER:

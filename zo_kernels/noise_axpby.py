@@ -197,7 +197,8 @@ def quad_tile(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr, FUSED: tl.c
     16-byte vector of a 16-bit type is one row and loads as one. FUSED: see _madd."""
     t = _quads(k0, k1, j, WIDTH, NORMALS, FUSED)
     if WIDTH == 8:
-        t = tl.where(tl.arange(0, WIDTH)[None, :] < 4, t, _quads(k0, k1, j + 1, WIDTH, NORMALS, FUSED))
+        t = tl.where(tl.arange(0, WIDTH)[None, :] < 4, t,
+                     _quads(k0, k1, j + 1, WIDTH, NORMALS, FUSED))
     return t
 
 
@@ -361,9 +362,6 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
     ptrs, _, mask, interior, g0, _ = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART,
                                                SPLIT)
-    # Converted to float32 after the noise: 16-bit values stay packed meanwhile (ptxas sm_90:
-    # 64 registers a thread in 16-bit Rademacher passes, four blocks an SM, where converting
-    # first took 78 and three; 94 in bfloat16 Gaussian ones, where it took 106).
     x = load_tile(ptrs, mask, interior)
     if HALVES == 2:
         ptrs2, _, mask2, interior2, g2, _ = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED,
@@ -394,6 +392,9 @@ def _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER: tl.constexpr,
         j = row_counters(g0 >> 7, SLOTS // 128, 1)
     else:
         j = row_counters(g0 >> 2, SLOTS // WIDTH, WIDTH // 4)
+    # x is converted to float32 after the noise: 16-bit values stay packed meanwhile (ptxas
+    # sm_90, one 4096-slot part: 64 registers a thread in 16-bit Rademacher passes where
+    # converting first took 78; 94 in bfloat16 Gaussian ones where it took 106).
     for i in range(n_seeds):
         seed = tl.load(seeds_ptr + i)  # uint64 stored as int64
         k0 = seed.to(tl.uint32)
