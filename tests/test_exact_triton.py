@@ -222,16 +222,17 @@ def test_prepared_list_uses_the_kernel():
 
 # --- compilation ---------------------------------------------------------------------------
 
-BOX_MULLER_FMAS = 18  # the tl.fma calls of noise_axpby._log (11) and _cos_sin_2pi (7)
+# the tl.fma calls of noise_axpby._log (11) and _cos_sin_2pi (7), and _sqrt's PTX (2)
+BOX_MULLER_FMAS = 20
 
 
 def test_exact_kernel_compiles_for_sm90(compile_reports):
-    """triton.compile for sm_90 without a GPU. No approximate math; with
-    enable_fp_fusion=False no fma but Box-Muller's own (its polynomials spell them out, and
-    the PTX has exactly those of the two seed loops' normals): none in Rademacher variants;
-    aligned
-    tiles use the 16-byte loads and stores the plain kernel does; registers within bounds;
-    and no Philox call made twice (see test_aligned_tiles_make_no_philox_call_twice)."""
+    """triton.compile for sm_90 without a GPU. No approximate math but the square root's
+    seed, one a pair of normals; with enable_fp_fusion=False no fma but Box-Muller's own (its
+    polynomials and square root spell them out, and the PTX has exactly those of the two seed
+    loops' normals): none in Rademacher variants; aligned tiles use the 16-byte loads and
+    stores the plain kernel does; registers within bounds; and no Philox call made twice
+    (see test_aligned_tiles_make_no_philox_call_twice)."""
     reports = compile_reports("exact")
     assert len(reports) == 10
     per_thread = kernel.CONFIG[0] // (kernel.CONFIG[1] * 32)
@@ -239,6 +240,7 @@ def test_exact_kernel_compiles_for_sm90(compile_reports):
         assert r["kernel"] == "exact" and r["cubin_bytes"] > 0 and r["approx"] == [], r
         box_muller_pairs = 0 if r["rademacher"] else 2 * 2 * per_thread // 4  # loops x calls x 2
         assert r["fma_count"] == BOX_MULLER_FMAS * box_muller_pairs, r
+        assert r["sqrt_seeds"] == box_muller_pairs, r
         if r["registers"] is not None:  # ptxas: the passes that encode (the first and the
             # 2q - 1 middle ones) fit three 256-thread blocks an SM without spills, the last
             # one at least one without the 255-register cap's spills
@@ -249,7 +251,7 @@ def test_exact_kernel_compiles_for_sm90(compile_reports):
         # a Philox call per 4 elements a thread holds (at most) in each tile of words the
         # code makes: z of the old seeds, of the new seeds, and the rounding words
         tiles = {"first": 2, "restore_perturb": 2, "update_sr": 3}[r["variant"]]
-        assert r["mul_hi"] <= 20 * tiles * per_thread // 4, r
+        assert 0 < r["philox_multiplies"] <= 20 * tiles * per_thread // 4, r
         if r["aligned"]:  # 16-byte vectors of parameters for every dtype
             assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], r
 

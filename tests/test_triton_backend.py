@@ -262,8 +262,9 @@ def test_perturb_then_restore_is_exact():
 # --- compilation ---------------------------------------------------------------------------
 
 def test_every_kernel_compiles_for_sm90(compile_reports):
-    """triton.compile for a CUDA sm_90 target, no GPU needed. No approximate math may appear,
-    aligned tensors of every dtype must get 16-byte vector loads and stores, and no uncapped
+    """triton.compile for a CUDA sm_90 target, no GPU needed. No approximate math may appear
+    but the estimate sqrt_rn's fast path refines, one a pair of normals (kernels._sqrt:
+    two for each Philox call of a Gaussian pass, none in a Rademacher one), aligned tensors of every dtype must get 16-byte vector loads and stores, and no uncapped
     variant spills (the unaligned one, a scalar address an element, runs shorter tiles:
     kernels.UNALIGNED); capped ones keep within their tiling's maxnreg (kernels.TILINGS) and spill at most
     kernels.CAP_SPILL_BYTES, the most a cap measured faster on a GPU took."""
@@ -271,6 +272,8 @@ def test_every_kernel_compiles_for_sm90(compile_reports):
     assert len(reports) == 12
     for r in reports:
         assert r["cubin_bytes"] > 0 and r["approx"] == [], r
+        calls = -(-r["philox_multiplies"] // 20)  # the first round's 0 * M1 is made once
+        assert r["sqrt_seeds"] == (0 if r["rademacher"] else 2 * calls), r
         if r["registers"] is not None:  # ptxas: aligned, two 256-thread blocks an SM at least
             assert r["registers"] <= (128 if r["aligned"] else 160), r
             if r["maxnreg"] is None:
@@ -283,7 +286,7 @@ def test_every_kernel_compiles_for_sm90(compile_reports):
 
 
 def test_aligned_tiles_make_no_philox_call_twice(compile_reports):
-    """The Philox work of one thread and seed (Philox makes 20 high multiplies a call, the PTX
+    """The Philox work of one thread and seed (Philox makes 20 multiplies a call, the PTX
     counts them): a Gaussian call per 4 elements it holds, and one Rademacher call for all of
     them, since its elements are the slices of one 128-element row (kernels.LANES) where a
     row-per-warp layout had each thread make a call for every 16-byte vector."""
@@ -291,7 +294,7 @@ def test_aligned_tiles_make_no_philox_call_twice(compile_reports):
         if r["aligned"]:
             per_thread = r["block"] // (r["warps"] * 32)
             calls = r["halves"] if r["rademacher"] else per_thread // 4
-            assert r["mul_hi"] <= 20 * calls, r
+            assert 0 < r["philox_multiplies"] <= 20 * calls, r
 
 
 # --- full size on a GPU --------------------------------------------------------------------
@@ -306,6 +309,27 @@ GPU_SIZES = (1, 127, 129, 768, 3 * 768 * 768 + 5, 1 << 22)
 @pytest.mark.parametrize("fused", [False, True])
 def test_gpu_box_muller_on_every_uniform(fused):
     test_box_muller_on_every_uniform(fused)
+
+
+@triton.jit
+def _sqrt_of(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, kernels._sqrt(tl.load(x_ptr + offs)))
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_sqrt_is_sqrt_rn_on_its_domain():
+    """The kernels' square root (sqrt_rn's fast path written out: an approximate rsqrt and a
+    Newton step) against torch's correctly rounded one, bit for bit, on every float32 in
+    [2^-24, 64): Box-Muller's -2 ln u lie in [1.1e-7, 33.3]."""
+    bits = lambda v: int(torch.tensor(v, dtype=torch.float32).view(torch.int32))
+    x = torch.arange(bits(2.0**-24), bits(64.0), dtype=torch.int32, device="cuda")
+    x = x.view(torch.float32)
+    out = torch.empty_like(x)
+    _sqrt_of[(x.numel() // 1024,)](x, out, BLOCK=1024)  # 30 binades of 2^23 floats
+    wrong = (out.view(torch.int32) != torch.sqrt(x).view(torch.int32)).nonzero()
+    assert wrong.numel() == 0, x[wrong[:8, 0]].tolist()
 
 
 @pytest.mark.gpu

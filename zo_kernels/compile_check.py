@@ -6,7 +6,7 @@
 
 Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a subprocess).
 Each line reports what a reviewer would grep the PTX for: approximate math instructions
-(the noise contract forbids them), the global load/store widths (interior tiles should
+(the noise contract forbids them; the square root's seed is counted apart), the global load/store widths (interior tiles should
 use 16-byte vectors when the tensors are aligned), the Philox calls a thread makes, and for
 the exact kernel, which is compiled with enable_fp_fusion=False, the fma instructions (there
 must be none); and, from ptxas (Triton's own), the registers a thread and the spill bytes,
@@ -66,18 +66,28 @@ def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
             **tiling._asdict(), **summary(compiled)}
 
 
+# The one approximate instruction the kernels may issue: the estimate that sqrt_rn's fast
+# path (noise_axpby._sqrt) refines to the rounded square root, once a pair of normals.
+SQRT_SEED = "rsqrt.approx.ftz.f32"
+# Philox's products: high words (tl.umulhi) or whole ones (noise_axpby._mul_wide's PTX).
+PHILOX_MULTIPLY = re.compile(r"\bmul\.hi\.u32|\bmul\.wide\.u32\s[^;]*0x(?:D2511F53|CD9E8D57)", re.I)
+
+
 def summary(compiled) -> dict:
-    """What the PTX shows: approximate math, fma instructions, global load/store widths, the
-    32-bit high multiplies (Philox makes 20 a call, so they count the calls a thread makes);
-    and what ptxas reports: registers a thread and spill bytes (None without a ptxas)."""
+    """What the PTX shows: approximate math (but the sqrt seeds, counted apart), fma
+    instructions, global load/store widths, Philox's multiplies (20 a call, so they count the
+    calls a thread makes); and what ptxas reports: registers a thread and spill bytes (None
+    without a ptxas)."""
     ptx = compiled.asm["ptx"]
+    approx = re.findall(r"\b\w+\.approx[\w.]*", ptx)
     return {"cubin_bytes": len(compiled.asm["cubin"]),
-            "approx": sorted(set(re.findall(r"\b\w+\.approx[\w.]*", ptx))),
+            "approx": sorted(set(a for a in approx if a != SQRT_SEED)),
+            "sqrt_seeds": approx.count(SQRT_SEED),
             "fma": sorted(set(re.findall(r"\bfma\.[\w.]*", ptx))),
             "fma_count": len(re.findall(r"\bfma\.[\w.]*", ptx)),
             "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
             "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
-            "mul_hi": len(re.findall(r"\bmul\.hi\.u32", ptx)),
+            "philox_multiplies": len(PHILOX_MULTIPLY.findall(ptx)),
             **registers(ptx)}
 
 

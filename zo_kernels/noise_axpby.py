@@ -28,6 +28,7 @@ PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
 PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
+
 class Tiling(NamedTuple):
     """How the plain pass runs over a dtype group: ``block`` slots a program (a multiple of
     128) and ``warps`` warps, in ``halves`` parts (noise_axpby_kernel), compiled with at most
@@ -95,14 +96,33 @@ def _philox4x32_10(c0, c1, k0, k1):
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
     for _ in tl.static_range(10):
-        hi0 = tl.umulhi(c0, PHILOX_M0)
-        lo0 = c0 * PHILOX_M0
-        hi1 = tl.umulhi(c2, PHILOX_M1)
-        lo1 = c2 * PHILOX_M1
+        hi0, lo0 = _mul_wide(c0, MUL_WIDE_M0, PHILOX_M0)
+        hi1, lo1 = _mul_wide(c2, MUL_WIDE_M1, PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = k0 + PHILOX_W0  # the bump after the last round is dead code
         k1 = k1 + PHILOX_W1
     return c0, c1, c2, c3
+
+
+def _mul_wide_ptx(m: int) -> tl.constexpr:
+    """PTX for $0, $1 = the high and low words of $2 * m (one 32 x 32 -> 64-bit multiply)."""
+    return tl.constexpr("{ .reg .b64 p; mul.wide.u32 p, $2, %#x; mov.b64 {$1, $0}, p; }" % m)
+
+
+MUL_WIDE_M0 = _mul_wide_ptx(PHILOX_M0.value)
+MUL_WIDE_M1 = _mul_wide_ptx(PHILOX_M1.value)
+
+
+@triton.jit
+def _mul_wide(a, ASM: tl.constexpr, M: tl.constexpr):
+    """(high, low) words of the uint32 a times M. Compiled, one mul.wide.u32 (ASM: M's): as
+    tl.umulhi and a multiply, ptxas made most of Philox's products two instructions; as a
+    uint64 product, LLVM kept some 64-bit multiplies and ptxas added a zero an element."""
+    if NO_INLINE_PTX:
+        return tl.umulhi(a, M), a * M
+    else:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,r", [a], dtype=(tl.uint32, tl.uint32),
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
@@ -119,8 +139,10 @@ def row_counters(j0, ROWS: tl.constexpr, STEP: tl.constexpr):
 
 @triton.jit
 def _uniform(w):
-    """((w >> 9) + 0.5) * 2^-23: in (0, 1), exact in float32."""
-    return ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    """((w >> 9) + 0.5) * 2^-23: in (0, 1), exact in float32. Made as (1 + m 2^-23) - (1 - 2^-24)
+    from the bits (an exact difference): an add of the shifted word and a float add, where
+    the conversion, add and multiply took four instructions."""
+    return ((w >> 9) + 0x3F800000).to(tl.float32, bitcast=True) - 0.999999940395355224609375
 
 
 @triton.jit
@@ -158,6 +180,9 @@ def _log(x, FUSED: tl.constexpr):
     return _madd(0.693359375, fe, f + y, FUSED)
 
 
+TWO_PI_2_24 = tl.constexpr(6.283185482025146484375 * 2.0**-24)  # float32's 2 pi, times 2^-24
+
+
 @triton.jit
 def _cos_sin_2pi(w, FUSED: tl.constexpr):
     """cos and sin of 2 pi u, u = _uniform(w): csrc/zo_noise.h's host_sincos2pi_word (the
@@ -165,7 +190,9 @@ def _cos_sin_2pi(w, FUSED: tl.constexpr):
     m = w >> 9
     k = (m + (1 << 20)) >> 21  # round(4u), 0..4
     d = m.to(tl.int32) - (k << 21).to(tl.int32)
-    a = 6.283185307179586 * ((d.to(tl.float32) + 0.5) * 1.1920928955078125e-07)
+    # 2 pi (d + 1/2) 2^-23 with one rounding, as the reference's float32 2 pi times the exact
+    # (d + 1/2) 2^-23: its odd integer 2d + 1 is exact in float32, and so is 2 pi 2^-24.
+    a = (2 * d + 1).to(tl.float32) * TWO_PI_2_24
     a2 = a * a
     s = _madd(a * a2, _madd(a2, _madd(a2, -1.9515295891e-4, 8.3321608736e-3, FUSED),
                             -1.6666654611e-1, FUSED), a, FUSED)
@@ -179,12 +206,41 @@ def _cos_sin_2pi(w, FUSED: tl.constexpr):
     return cos, sin
 
 
+# y ~ 1/sqrt(x), s = x y, then s + (x - s^2) y/2 (rounded once, by the fma): in sqrt_rn's
+# range this is sqrt_rn. PTX, so that ptxas folds the negation into the fma (from Triton's
+# tl.fma, LLVM made -s or -x by one more instruction).
+SQRT_FAST_PATH = tl.constexpr("""{
+    .reg .f32 y, s, h, e;
+    rsqrt.approx.ftz.f32 y, $1;
+    mul.ftz.f32 s, $1, y;
+    mul.ftz.f32 h, y, 0f3F000000;
+    neg.f32 e, s;
+    fma.rn.f32 e, e, s, $1;
+    fma.rn.f32 $0, e, h, s;
+}""")
+
+
+@triton.jit
+def _sqrt(x):
+    """sqrt(x) rounded to nearest for x in [2^-101, 2^128) (-2 ln u lies in [1.1e-7, 33.3]):
+    sqrt_rn's fast path written out (an rsqrt estimate and a Newton step from it), which
+    ptxas otherwise puts behind a range check, a branch and a call to the slow path: eleven
+    instructions a pair of normals where these take five, and no scheduling barrier in the
+    seed loop. The interpreter, which has no PTX, takes sqrt_rn: the same values."""
+    if NO_INLINE_PTX:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.inline_asm_elementwise(SQRT_FAST_PATH, "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 @triton.jit
 def _box_muller(wr, wt, FUSED: tl.constexpr):
     # The CPU backend's branch-free polynomials (|z - z_ref| < 1e-6 over all 2^23 uniforms),
-    # not fast-math approximations: one formula for the GPU and the interpreter, so the tests
-    # here run what the GPU runs, and cheaper than libdevice's log, sinpi and cospi.
-    r = tl.sqrt_rn(-2.0 * _log(_uniform(wr), FUSED))
+    # not fast-math approximations: one formula for the GPU and the interpreter (whose square
+    # roots take two forms of one value: _sqrt), so the tests here run what the GPU runs, and
+    # cheaper than libdevice's log, sinpi and cospi.
+    r = _sqrt(-2.0 * _log(_uniform(wr), FUSED))
     c, s = _cos_sin_2pi(wt, FUSED)
     return r * c, r * s
 
@@ -210,6 +266,11 @@ def _quads(k0, k1, j, WIDTH: tl.constexpr, NORMALS: tl.constexpr, FUSED: tl.cons
     if NORMALS:
         w0, w1 = _box_muller(w0, w1, FUSED)
         w2, w3 = _box_muller(w2, w3, FUSED)
+    if WIDTH == 4:
+        # Joined, a row's four lanes are one thread's: an unaligned tile's load layout gives a
+        # thread one lane of four rows, and from selects each thread then made its rows'
+        # whole calls (four times the Philox and Box-Muller work; ptxas sm_90, 2048 x 16).
+        return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (w0.shape[0], 4))
     lane = tl.arange(0, WIDTH)[None, :] & 3
     return tl.where(lane < 2, tl.where(lane == 0, w0[:, None], w1[:, None]),
                     tl.where(lane == 2, w2[:, None], w3[:, None]))
@@ -411,6 +472,7 @@ def _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER: tl.constexpr,
 # kernel, and runs it on CPU tensors.
 INTERPRETED = not isinstance(noise_axpby_kernel, triton.runtime.JITFunction)
 HAND_ROUNDED_BF16 = tl.constexpr(INTERPRETED)  # read by rn_bf16_bits when it runs or compiles
+NO_INLINE_PTX = tl.constexpr(INTERPRETED)  # read by _mul_wide and _sqrt
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
