@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, INTERPRETED, _philox, load_tile, quad_tile, rademacher_signs,
-                          rn_bf16_bits, row_counters, signed, store_tile, tile_origin,
-                          tile_part)
+from .noise_axpby import (DTYPES, NO_INLINE_PTX, _philox, load_tile, quad_tile,
+                          rademacher_signs, rn_bf16_bits, row_counters, signed, store_tile,
+                          tile_origin, tile_part)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
@@ -63,7 +63,6 @@ def launch_options(encode: bool, warps: int) -> dict:
 
 CHUNK_C = tl.constexpr(CHUNK)
 ESC_C = tl.constexpr(ESC)
-GATHER_BY_LOAD = tl.constexpr(INTERPRETED)  # read by _gather: the interpreter runs no PTX
 # max(dtype) / 2: above it theta + s could overflow (zo_opt.exact.big), exact in float32
 BIGS = {dt: torch.finfo(dt).max / 2 for dt in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -198,7 +197,7 @@ def _gather(ptrs, mask):
     ESC count and decode it drew along, a layout of their own, with shared-memory conversions
     around them (about 40 SASS instructions an element in Rademacher tiles). An elementwise
     inline asm takes its operands' layout on every version."""
-    if GATHER_BY_LOAD:
+    if NO_INLINE_PTX:
         return tl.load(ptrs, mask=mask, other=0)
     else:
         return tl.inline_asm_elementwise(

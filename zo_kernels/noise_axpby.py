@@ -474,7 +474,10 @@ def _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER: tl.constexpr,
 # kernel, and runs it on CPU tensors.
 INTERPRETED = not isinstance(noise_axpby_kernel, triton.runtime.JITFunction)
 HAND_ROUNDED_BF16 = tl.constexpr(INTERPRETED)  # read by rn_bf16_bits when it runs or compiles
-NO_INLINE_PTX = tl.constexpr(INTERPRETED)  # read by _mul_wide and _sqrt
+# The kernels' few lines of PTX (_mul_wide, _sqrt, exact._gather) have portable forms with
+# the same values, for the interpreter, which runs no PTX, and for ROCm builds of torch,
+# whose Triton compiles for AMD GPUs.
+NO_INLINE_PTX = tl.constexpr(INTERPRETED or torch.version.hip is not None)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
