@@ -231,8 +231,8 @@ def test_exact_kernel_compiles_for_sm90(compile_reports):
     seed, one a pair of normals; with enable_fp_fusion=False no fma but Box-Muller's own (its
     polynomials and square root spell them out, and the PTX has exactly those of the two seed
     loops' normals): none in Rademacher variants; aligned tiles use the 16-byte loads and
-    stores the plain kernel does; registers within bounds; and no Philox call made twice
-    (see test_aligned_tiles_make_no_philox_call_twice)."""
+    stores the plain kernel does; registers within bounds; no call in a seed loop; and no
+    Philox call made twice (see test_aligned_tiles_make_no_philox_call_twice)."""
     reports = compile_reports("exact")
     assert len(reports) == 10
     per_thread = kernel.CONFIG[0] // (kernel.CONFIG[1] * 32)
@@ -241,6 +241,8 @@ def test_exact_kernel_compiles_for_sm90(compile_reports):
         box_muller_pairs = 0 if r["rademacher"] else 2 * 2 * per_thread // 4  # loops x calls x 2
         assert r["fma_count"] == BOX_MULLER_FMAS * box_muller_pairs, r
         assert r["sqrt_seeds"] == box_muller_pairs, r
+        if r["loop_calls"] is not None:  # nvdisasm: the seed loops found, none calls
+            assert r["loop_instructions"] and r["loop_calls"] == 0, r
         if r["registers"] is not None:  # ptxas: the passes that encode (the first and the
             # 2q - 1 middle ones) fit three 256-thread blocks an SM without spills, the last
             # one at least one without the 255-register cap's spills

@@ -263,10 +263,12 @@ def test_perturb_then_restore_is_exact():
 
 def test_every_kernel_compiles_for_sm90(compile_reports):
     """triton.compile for a CUDA sm_90 target, no GPU needed. No approximate math may appear
-    but the estimate sqrt_rn's fast path refines, one a pair of normals (kernels._sqrt:
-    two for each Philox call of a Gaussian pass, none in a Rademacher one), aligned tensors of every dtype must get 16-byte vector loads and stores, and no uncapped
-    variant spills (the unaligned one, a scalar address an element, runs shorter tiles:
-    kernels.UNALIGNED); capped ones keep within their tiling's maxnreg (kernels.TILINGS) and spill at most
+    but the estimate sqrt_rn's fast path refines, one a pair of normals (kernels._sqrt: two
+    for each Philox call of a Gaussian pass, none in a Rademacher one); no call in a seed loop
+    (sqrt_rn's slow path took one a pair of normals, behind a branch); aligned tensors of
+    every dtype must get 16-byte vector loads and stores, and no uncapped variant spills (the
+    unaligned one, a scalar address an element, runs shorter tiles: kernels.UNALIGNED);
+    capped ones keep within their tiling's maxnreg (kernels.TILINGS) and spill at most
     kernels.CAP_SPILL_BYTES, the most a cap measured faster on a GPU took."""
     reports = compile_reports()
     assert len(reports) == 12
@@ -274,6 +276,8 @@ def test_every_kernel_compiles_for_sm90(compile_reports):
         assert r["cubin_bytes"] > 0 and r["approx"] == [], r
         calls = -(-r["philox_multiplies"] // 20)  # the first round's 0 * M1 is made once
         assert r["sqrt_seeds"] == (0 if r["rademacher"] else 2 * calls), r
+        if r["loop_calls"] is not None:  # nvdisasm: the seed loops found, none calls
+            assert r["loop_instructions"] and r["loop_calls"] == 0, r
         if r["registers"] is not None:  # ptxas: aligned, two 256-thread blocks an SM at least
             assert r["registers"] <= (128 if r["aligned"] else 160), r
             if r["maxnreg"] is None:

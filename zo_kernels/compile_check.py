@@ -6,11 +6,13 @@
 
 Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a subprocess).
 Each line reports what a reviewer would grep the PTX for: approximate math instructions
-(the noise contract forbids them; the square root's seed is counted apart), the global load/store widths (interior tiles should
-use 16-byte vectors when the tensors are aligned), the Philox calls a thread makes, and for
-the exact kernel, which is compiled with enable_fp_fusion=False, the fma instructions (there
-must be none); and, from ptxas (Triton's own), the registers a thread and the spill bytes,
-which set how many blocks an SM holds.
+(the noise contract forbids them; the square root's seed is counted apart), the global
+load/store widths (interior tiles should use 16-byte vectors when the tensors are aligned),
+the Philox calls a thread makes, and for the exact kernel, which is compiled with
+enable_fp_fusion=False, the fma instructions (there must be none); from ptxas (Triton's
+own), the registers a thread and the spill bytes, which set how many blocks an SM holds; and
+from the SASS (Triton's nvdisasm), the instructions of each seed loop, and for the plain
+pass, per element a thread holds in a part (what Gaussian passes, bound by issue, cost).
 """
 from __future__ import annotations
 
@@ -62,8 +64,12 @@ def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
     tiling = plain_config(dtype, rademacher, aligned)
     compiled = triton.compile(source(dtype, rademacher, aligned, tiling),
                               target=GPUTarget("cuda", arch, 32), options=tiling.options())
+    facts = summary(compiled)
+    per_part = tiling.block // (tiling.halves * tiling.warps * 32)  # elements a thread
+    loops = facts["loop_instructions"] or []
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
-            **tiling._asdict(), **summary(compiled)}
+            **tiling._asdict(), **facts,
+            "loop_per_element": [round(n / per_part, 1) for n in loops]}
 
 
 # The one approximate instruction the kernels may issue: the estimate that sqrt_rn's fast
@@ -88,7 +94,37 @@ def summary(compiled) -> dict:
             "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
             "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
             "philox_multiplies": len(PHILOX_MULTIPLY.findall(ptx)),
-            **registers(ptx)}
+            **registers(ptx), **loops(compiled.asm["cubin"])}
+
+
+def _nvdisasm() -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return str(bundled) if bundled.is_file() else shutil.which("nvdisasm")
+
+
+def loops(cubin: bytes) -> dict:
+    """The SASS loops (the seed loops: a body a part): the instructions of each body and the
+    calls in them (sqrt_rn's slow path was one a pair of normals). None without nvdisasm."""
+    tool = _nvdisasm()
+    if tool is None:
+        return {"loop_instructions": None, "loop_calls": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([tool, str(path)], capture_output=True, text=True).stdout
+    code, labels = [], {}
+    for line in sass.splitlines():
+        if label := re.match(r"^\s*(\.L_x_\d+):", line):
+            labels[label.group(1)] = len(code)
+        elif instruction := re.match(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line):
+            code.append(instruction.group(1))
+    bodies = []
+    for end, instruction in enumerate(code):
+        target = re.search(r"\bBRA\s+`\((\.L_x_\d+)\)", instruction)
+        if target and labels.get(target.group(1), end + 1) < end:  # a branch back: a loop
+            bodies.append(code[labels[target.group(1)]:end + 1])
+    return {"loop_instructions": [len(b) for b in bodies],
+            "loop_calls": sum(" CALL" in f" {i}" for b in bodies for i in b)}
 
 
 def _ptxas(arch: int) -> str | None:
