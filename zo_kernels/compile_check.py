@@ -66,10 +66,10 @@ def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
                               target=GPUTarget("cuda", arch, 32), options=tiling.options())
     facts = summary(compiled)
     per_part = tiling.block // (tiling.halves * tiling.warps * 32)  # elements a thread
-    loops = facts["loop_instructions"] or []
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
             **tiling._asdict(), **facts,
-            "loop_per_element": [round(n / per_part, 1) for n in loops]}
+            "loop_per_element": [round(n / per_part, 1)
+                                 for n in facts["loop_instructions"] or []]}
 
 
 # The one approximate instruction the kernels may issue: the estimate that sqrt_rn's fast
