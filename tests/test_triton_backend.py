@@ -226,7 +226,8 @@ def test_unaligned_views_take_the_unaligned_tiles(distribution):
 
 @pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
 @pytest.mark.parametrize("tiling", [kernels.Tiling(1024, 4), kernels.Tiling(1024, 4, halves=2),
-                                    kernels.Tiling(512, 2, halves=2, maxnreg=64)])
+                                    kernels.Tiling(512, 2, halves=2, maxnreg=64),
+                                    kernels.Tiling(1024, 4, halves=2, lazy_masks=True)])
 def test_tilings_give_the_same_bits(monkeypatch, distribution, tiling):
     """A tiling from a GPU sweep (kernels.TILINGS) changes the tiles, never a value: z is a
     function of (seed, global index) alone. Tensors end in either half of a two-half program,
@@ -285,6 +286,27 @@ def test_every_kernel_compiles_for_sm90(compile_reports):
             else:
                 assert r["registers"] <= r["maxnreg"], r
                 assert r["spill_bytes"] <= kernels.CAP_SPILL_BYTES, r
+        if r["aligned"]:
+            assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], r
+
+
+def test_lazy_masks_compile_for_sm90(compile_reports):
+    """The GPU sweep's lazy-mask variants (Tiling.lazy_masks) compile as the default ones do:
+    no approximate math but the sqrt seeds, no call in a seed loop, 16-byte vectors, and the
+    same Philox work; registers within a capped tiling's maxnreg (spills are what a sweep
+    weighs, so they are not bounded here)."""
+    default = {(r["dtype"], r["rademacher"], r["aligned"]): r for r in compile_reports()}
+    reports = compile_reports("lazy")
+    assert len(reports) == 12
+    for r in reports:
+        d = default[(r["dtype"], r["rademacher"], r["aligned"])]
+        assert r["lazy_masks"] and not d["lazy_masks"], r
+        assert r["approx"] == [] and r["sqrt_seeds"] == d["sqrt_seeds"], r
+        assert r["philox_multiplies"] == d["philox_multiplies"], r
+        if r["loop_calls"] is not None:
+            assert r["loop_instructions"] and r["loop_calls"] == 0, r
+        if r["registers"] is not None and r["maxnreg"] is not None:
+            assert r["registers"] <= r["maxnreg"], r
         if r["aligned"]:
             assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], r
 

@@ -1,6 +1,7 @@
 """Compiles every variant of the kernels for a CUDA target without a GPU (ptxas included).
 
     python -m zo_kernels.compile_check [arch]         # prints one JSON line per variant
+    python -m zo_kernels.compile_check [arch] lazy    # the same with lazy masks (a sweep's)
     python -m zo_kernels.compile_check [arch] exact   # the same for the exact pass (exact.py)
     python -m zo_kernels.compile_check [arch] table   # the side table's kernels (exact_table.py)
 
@@ -53,15 +54,17 @@ def source(dtype: str, rademacher: bool, aligned: bool,
                  "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_seeds": "i32"}
     constexprs = {"RADEMACHER": rademacher, "ALIGNED": aligned,
                   "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype], "BLOCK": tiling.block,
-                  "HALVES": tiling.halves}
+                  "HALVES": tiling.halves, "LAZY_MASKS": tiling.lazy_masks}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16 for name in POINTER_ARGS}
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                      attrs=attrs)
 
 
-def report(dtype: str, rademacher: bool, aligned: bool, arch: int) -> dict:
-    tiling = plain_config(dtype, rademacher, aligned)
+def report(dtype: str, rademacher: bool, aligned: bool, arch: int,
+           lazy_masks: bool = False) -> dict:
+    """The plain pass as launched, or with its masks made lazily (Tiling.lazy_masks)."""
+    tiling = plain_config(dtype, rademacher, aligned)._replace(lazy_masks=lazy_masks)
     compiled = triton.compile(source(dtype, rademacher, aligned, tiling),
                               target=GPUTarget("cuda", arch, 32), options=tiling.options())
     facts = summary(compiled)
@@ -228,7 +231,8 @@ def main(arch: int = 90, which: str = "noise") -> None:
                               flush=True)
                 continue
             for aligned in (True, False):
-                print(json.dumps(report(dtype, rademacher, aligned, arch)), flush=True)
+                print(json.dumps(report(dtype, rademacher, aligned, arch, which == "lazy")),
+                      flush=True)
 
 
 if __name__ == "__main__":

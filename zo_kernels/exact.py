@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, NO_INLINE_PTX, _philox, load_tile, quad_tile,
+from .noise_axpby import (DTYPES, NO_INLINE_PTX, _philox, in_tile, load_tile, quad_tile,
                           rademacher_signs, rn_bf16_bits, row_counters, signed, store_tile,
                           tile_origin, tile_part)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
@@ -224,12 +224,14 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
         WIDTH: tl.constexpr = 4
     PART: tl.constexpr = BLOCK // HALVES
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
-    ptrs, idx, mask, interior, g0, n_in = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC,
-                                                    PART, 1)
+    ptrs, slots, interior, g0, n_in = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC,
+                                                PART, 1)
+    idx, mask = slots[0], in_tile(slots)
     x = load_tile(ptrs, mask, interior)
     if HALVES == 2:
-        ptrs2, idx2, mask2, interior2, g2, n_in2 = tile_part(base_ptr, origin, PART, WIDTH,
-                                                             ALIGNED, VEC, PART, 1)
+        ptrs2, slots2, interior2, g2, n_in2 = tile_part(base_ptr, origin, PART, WIDTH,
+                                                        ALIGNED, VEC, PART, 1)
+        idx2, mask2 = slots2[0], in_tile(slots2)
         x2 = load_tile(ptrs2, mask2, interior2)
     DT: tl.constexpr = base_ptr.dtype.element_ty
     _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,

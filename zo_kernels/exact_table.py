@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .exact import BIGS, CHUNK, _bits_of, dtype_launches, special
-from .noise_axpby import load_tile, tile
+from .noise_axpby import in_tile, load_tile, tile
 from .tensor_table import VECTOR_BYTES, device_of
 
 BLOCK = 4096  # a program's slots: 32 table chunks
@@ -32,8 +32,9 @@ def _chunk_tile(base_ptr, rows_ptr, block_map_ptr, code_base, tau, BIG: tl.const
     """One program's [BLOCK/128, 128] tile: the loaded values, which are special, each row's
     table chunk and whether the row holds any of the tensor's elements (a row past the
     tensor's end may be the next tensor's chunk: it must not be written)."""
-    ptrs, _, mask, interior, g0, left = tile(base_ptr, rows_ptr, block_map_ptr, 128, ALIGNED,
-                                             VEC, BLOCK, 1)
+    ptrs, slots, interior, g0, left = tile(base_ptr, rows_ptr, block_map_ptr, 128, ALIGNED,
+                                           VEC, BLOCK, 1)
+    mask = in_tile(slots)
     x = load_tile(ptrs, mask, interior)
     found = special(x.to(tl.float32), tau, BIG) & mask
     r = tl.arange(0, BLOCK // 128)

@@ -33,11 +33,14 @@ class Tiling(NamedTuple):
     """How the plain pass runs over a dtype group: ``block`` slots a program (a multiple of
     128) and ``warps`` warps, in ``halves`` parts (noise_axpby_kernel), compiled with at most
     ``maxnreg`` registers a thread (None: uncapped). A cap trades registers for resident
-    warps."""
+    warps. ``lazy_masks``: a tile's masks made only in its masked branches (load_tile), not
+    once for its load and store: fewer instructions on an interior tile's path, but the slot
+    indices live across the seed loops (benchmarks/gpu/NOTES.md)."""
     block: int
     warps: int
     halves: int = 1
     maxnreg: int | None = None
+    lazy_masks: bool = False
 
     def options(self) -> dict:
         """The compile options of a launch (compile_check compiles with the same). Contraction
@@ -340,9 +343,9 @@ def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.con
     """This program's tile of one tensor (tensor_table.py rows) as [BLOCK/WIDTH, WIDTH] slots,
     or with SPLIT > 1 as [SPLIT, BLOCK/WIDTH, WIDTH/SPLIT] (slot (v, r, c) is slot
     r*WIDTH + v*WIDTH/SPLIT + c; [BLOCK/WIDTH, SPLIT, WIDTH/SPLIT] with ROWS_FIRST):
-    (pointers, slot indices in the tile, which slots hold the tensor's elements, whether all
-    do, the global index of slot 0, the tensor's slots from slot 0 on). Shared by every
-    multi-tensor kernel."""
+    (pointers, the slots: their indices in the tile and the tensor's bounds there (in_tile
+    says which hold its elements), whether all do, the global index of slot 0, the tensor's
+    slots from slot 0 on). Shared by every multi-tensor kernel."""
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
     return tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, BLOCK, SPLIT)
 
@@ -381,33 +384,50 @@ def tile_part(base_ptr, origin, FIRST: tl.constexpr, WIDTH: tl.constexpr, ALIGNE
     # ones took two instructions each, which ptxas put before the load of ptr_origin).
     lo_in = tl.minimum(tl.maximum(lo - slot0, 0), SLOTS).to(tl.int32)
     hi_in = tl.minimum(tl.maximum(hi - slot0, 0), SLOTS).to(tl.int32)
-    mask = (idx >= lo_in) & (idx < hi_in)
     interior = (lo_in == 0) & (hi_in == SLOTS)  # no mask: vector loads and stores
-    return base_ptr + start + idx, idx, mask, interior, g_origin + slot0, hi - slot0
+    return base_ptr + start + idx, (idx, lo_in, hi_in), interior, g_origin + slot0, hi - slot0
 
 
 @triton.jit
-def load_tile(ptrs, mask, interior):
-    """The tile's values (0 in the masked slots); unmasked in interior tiles."""
+def in_tile(slots):
+    """Which slots hold the tensor's elements (``slots``: tile_part's)."""
+    idx, lo_in, hi_in = slots
+    return (idx >= lo_in) & (idx < hi_in)
+
+
+@triton.jit
+def _mask(where, LAZY: tl.constexpr):
+    if LAZY:
+        return in_tile(where)
+    else:
+        return where
+
+
+@triton.jit
+def load_tile(ptrs, where, interior, LAZY: tl.constexpr = False):
+    """The tile's values (0 outside the tensor); unmasked in interior tiles. ``where``: the
+    mask (in_tile's, made once for a part's load and store), or with LAZY the slots, whose
+    mask is then made in the masked branch only (Tiling.lazy_masks)."""
     if interior:
         x = tl.load(ptrs)
     else:
-        x = tl.load(ptrs, mask=mask, other=0.0)
+        x = tl.load(ptrs, mask=_mask(where, LAZY), other=0.0)
     return x
 
 
 @triton.jit
-def store_tile(ptrs, values, mask, interior):
+def store_tile(ptrs, values, where, interior, LAZY: tl.constexpr = False):
     if interior:
         tl.store(ptrs, values)
     else:
-        tl.store(ptrs, values, mask=mask)
+        tl.store(ptrs, values, mask=_mask(where, LAZY))
 
 
 @triton.jit
 def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
                        RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
-                       VEC: tl.constexpr, BLOCK: tl.constexpr, HALVES: tl.constexpr):
+                       VEC: tl.constexpr, BLOCK: tl.constexpr, HALVES: tl.constexpr,
+                       LAZY_MASKS: tl.constexpr):
     """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows), in
     HALVES parts (1 or 2) whose loads are all issued before any part's noise: a thread then
     has twice the bytes in flight at the registers of one part (the CUDA kernel's 64 bytes a
@@ -423,18 +443,30 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
         SPLIT: tl.constexpr = 1
     PART: tl.constexpr = BLOCK // HALVES
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
-    ptrs, _, mask, interior, g0, _ = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART,
-                                               SPLIT)
-    x = load_tile(ptrs, mask, interior)
+    ptrs, slots, interior, g0, _ = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART,
+                                             SPLIT)
+    where = _where(slots, LAZY_MASKS)
+    x = load_tile(ptrs, where, interior, LAZY_MASKS)
     if HALVES == 2:
-        ptrs2, _, mask2, interior2, g2, _ = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED,
-                                                      VEC, PART, SPLIT)
-        x2 = load_tile(ptrs2, mask2, interior2)
+        ptrs2, slots2, interior2, g2, _ = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED,
+                                                    VEC, PART, SPLIT)
+        where2 = _where(slots2, LAZY_MASKS)
+        x2 = load_tile(ptrs2, where2, interior2, LAZY_MASKS)
     store_tile(ptrs, _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH, SPLIT,
-                            PART, base_ptr.dtype.element_ty), mask, interior)
+                            PART, base_ptr.dtype.element_ty), where, interior, LAZY_MASKS)
     if HALVES == 2:
         store_tile(ptrs2, _axpby(x2, g2, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
-                                 SPLIT, PART, base_ptr.dtype.element_ty), mask2, interior2)
+                                 SPLIT, PART, base_ptr.dtype.element_ty), where2, interior2,
+                   LAZY_MASKS)
+
+
+@triton.jit
+def _where(slots, LAZY: tl.constexpr):
+    """What load_tile and store_tile take: the slots with LAZY, else their mask."""
+    if LAZY:
+        return slots
+    else:
+        return in_tile(slots)
 
 
 @triton.jit
@@ -542,4 +574,4 @@ def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
             RADEMACHER=rademacher, ALIGNED=table.aligned,
             VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=tiling.block,
-            HALVES=tiling.halves, **tiling.options())
+            HALVES=tiling.halves, LAZY_MASKS=tiling.lazy_masks, **tiling.options())

@@ -161,10 +161,13 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
 
 
 # The plain pass's candidate tilings (zo_kernels.noise_axpby.Tiling: block, warps, halves,
-# maxnreg), and the exact kernel's (zo_kernels.exact.CONFIG: block, warps, halves).
+# maxnreg, lazy_masks), and the exact kernel's (zo_kernels.exact.CONFIG: block, warps,
+# halves). Lazy masks take fewer instructions on interior tiles but hold the slot indices
+# across the seed loops (16-bit Rademacher at 64 registers spills on Triton 3.6).
 PLAIN_SWEEP = ((4096, 8), (4096, 8, 1, 80), (4096, 8, 1, 64), (2048, 8), (1024, 4),
                (4096, 8, 2), (4096, 8, 2, 80), (4096, 8, 2, 64), (2048, 4, 2),
-               (8192, 16, 2), (8192, 8, 2, 64), (8192, 8, 2, 72))
+               (8192, 16, 2), (8192, 8, 2, 64), (8192, 8, 2, 72),
+               (4096, 8, 2, None, True), (8192, 8, 2, 64, True), (8192, 8, 2, None, True))
 EXACT_SWEEP = ((1024, 4, 1), (2048, 4, 1), (2048, 4, 2), (4096, 8, 2))
 
 
@@ -192,7 +195,8 @@ def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
 
 def _tiling_name(t) -> str:
     return (f"BLOCK={t.block} warps={t.warps}" + (f" halves={t.halves}" if t.halves > 1 else "")
-            + (f" maxnreg={t.maxnreg}" if t.maxnreg else ""))
+            + (f" maxnreg={t.maxnreg}" if t.maxnreg else "")
+            + (" lazy masks" if t.lazy_masks else ""))
 
 
 def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, variants) -> list[dict]:
@@ -464,8 +468,8 @@ def table(rows: list[dict], info: dict) -> str:
             "its outside part against the MeZO-style loop, peak memory above the parameters "
             "of a step whose loss reads one element. SM MHz: the SM clock read just after the "
             "row was timed.", "",
-            *([f"Triton tilings (block, warps, halves, maxnreg) outside the sweep: "
-               f"{info['triton_tilings']}; exact pass (block, warps, halves): "
+            *([f"Triton tilings (block, warps, halves, maxnreg, lazy masks) outside the "
+               f"sweep: {info['triton_tilings']}; exact pass (block, warps, halves): "
                f"{info['triton_exact_config']}.", ""] if "triton_tilings" in info else []),
             "| workload | dtype | directions | implementation | time | GB/s | % of copy | speed-up vs MeZO-style | outside forwards | peak extra memory | SM MHz |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
