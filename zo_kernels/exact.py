@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, NO_INLINE_PTX, _philox, in_tile, load_tile, quad_tile,
+from .noise_axpby import (DTYPES, NO_INLINE_PTX, _philox, load_tile, quad_tile,
                           rademacher_signs, rn_bf16_bits, row_counters, signed, store_tile,
                           tile_origin, tile_part)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
@@ -226,25 +226,23 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
     ptrs, slots, interior, g0, n_in = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC,
                                                 PART, 1)
-    idx, mask = slots[0], in_tile(slots)
-    x = load_tile(ptrs, mask, interior)
+    x = load_tile(ptrs, slots, interior)
     if HALVES == 2:
         ptrs2, slots2, interior2, g2, n_in2 = tile_part(base_ptr, origin, PART, WIDTH,
                                                         ALIGNED, VEC, PART, 1)
-        idx2, mask2 = slots2[0], in_tile(slots2)
-        x2 = load_tile(ptrs2, mask2, interior2)
+        x2 = load_tile(ptrs2, slots2, interior2)
     DT: tl.constexpr = base_ptr.dtype.element_ty
-    _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
+    _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
                 n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
                 ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART)
     if HALVES == 2:
-        _exact_part(x2, ptrs2, idx2, mask2, interior2, g2, n_in2, seeds_ptr,
+        _exact_part(x2, ptrs2, slots2, interior2, g2, n_in2, seeds_ptr,
                     scales_ptr, n_old, n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr,
                     tau, DECODE, ENCODE, ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART)
 
 
 @triton.jit
-def _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
+def _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
                 n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
                 DECODE: tl.constexpr, ENCODE: tl.constexpr, ROUNDING: tl.constexpr,
                 RADEMACHER: tl.constexpr, BIG: tl.constexpr, DT: tl.constexpr,
@@ -258,6 +256,7 @@ def _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n
     else:
         MAG: tl.constexpr = 0x7FFF
     pos0 = tl.multiple_of(g0 - code_base, CHUNK_C)  # the part's first code (128-aligned)
+    idx = slots[0]
     xbits = _bits_of(x, DT)
     xf = _to_f32(xbits, DT)
     if RADEMACHER:
@@ -289,7 +288,7 @@ def _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n
     s_new = tl.where(flip, zero - s_old, s_new)
 
     if DECODE:
-        code = load_tile(codes_ptr + pos0 + idx, mask, interior).to(tl.int32)
+        code = load_tile(codes_ptr + pos0 + idx, slots, interior).to(tl.int32)
         esc = code == ESC_C
         t = _rn_bits(xf - s_old, DT)
         # sign(t) | (mag(t) + code) as one add: mag(t) + code is the encoded mag(theta),
@@ -311,12 +310,12 @@ def _exact_part(x, ptrs, idx, mask, interior, g0, n_in, seeds_ptr, scales_ptr, n
         out = _sr_bits(y, w, DT)
     else:
         out = _rn_bits(y, DT)
-    store_tile(ptrs, _from_bits(out, DT), mask, interior)
+    store_tile(ptrs, _from_bits(out, DT), slots, interior)
 
     if ENCODE:
         t2 = _rn_bits(_to_f32(out, DT) - s_new, DT)
         k = (theta_bits & MAG) - (t2 & MAG)
-        store_tile(codes_ptr + pos0 + idx, tl.where(esc, ESC_C, k).to(tl.int8), mask, interior)
+        store_tile(codes_ptr + pos0 + idx, tl.where(esc, ESC_C, k).to(tl.int8), slots, interior)
 
 
 def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int], block: int) -> list:

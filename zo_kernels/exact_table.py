@@ -34,9 +34,8 @@ def _chunk_tile(base_ptr, rows_ptr, block_map_ptr, code_base, tau, BIG: tl.const
     tensor's end may be the next tensor's chunk: it must not be written)."""
     ptrs, slots, interior, g0, left = tile(base_ptr, rows_ptr, block_map_ptr, 128, ALIGNED,
                                            VEC, BLOCK, 1)
-    mask = in_tile(slots)
-    x = load_tile(ptrs, mask, interior)
-    found = special(x.to(tl.float32), tau, BIG) & mask
+    x = load_tile(ptrs, slots, interior)
+    found = special(x.to(tl.float32), tau, BIG) & in_tile(slots)
     r = tl.arange(0, BLOCK // 128)
     return x, found, (g0 - code_base) // 128 + r, r * 128 < left  # lo is 0: 128-aligned offsets
 

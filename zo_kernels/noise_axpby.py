@@ -396,31 +396,32 @@ def in_tile(slots):
 
 
 @triton.jit
-def _mask(where, LAZY: tl.constexpr):
-    if LAZY:
-        return in_tile(where)
-    else:
-        return where
-
-
-@triton.jit
-def load_tile(ptrs, where, interior, LAZY: tl.constexpr = False):
-    """The tile's values (0 outside the tensor); unmasked in interior tiles. ``where``: the
-    mask (in_tile's, made once for a part's load and store), or with LAZY the slots, whose
-    mask is then made in the masked branch only (Tiling.lazy_masks)."""
+def load_tile(ptrs, slots, interior, LAZY: tl.constexpr = False):
+    """The tile's values (0 outside the tensor, ``slots``: tile_part's); unmasked in interior
+    tiles. The mask is made before the branch, where the compiler makes one for a part's
+    load and store and holds it across the seed loops, or with LAZY in the masked branch
+    only (Tiling.lazy_masks)."""
+    if not LAZY:
+        mask = in_tile(slots)
     if interior:
         x = tl.load(ptrs)
     else:
-        x = tl.load(ptrs, mask=_mask(where, LAZY), other=0.0)
+        if LAZY:
+            mask = in_tile(slots)
+        x = tl.load(ptrs, mask=mask, other=0.0)
     return x
 
 
 @triton.jit
-def store_tile(ptrs, values, where, interior, LAZY: tl.constexpr = False):
+def store_tile(ptrs, values, slots, interior, LAZY: tl.constexpr = False):
+    if not LAZY:
+        mask = in_tile(slots)
     if interior:
         tl.store(ptrs, values)
     else:
-        tl.store(ptrs, values, mask=_mask(where, LAZY))
+        if LAZY:
+            mask = in_tile(slots)
+        tl.store(ptrs, values, mask=mask)
 
 
 @triton.jit
@@ -445,28 +446,17 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
     ptrs, slots, interior, g0, _ = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART,
                                              SPLIT)
-    where = _where(slots, LAZY_MASKS)
-    x = load_tile(ptrs, where, interior, LAZY_MASKS)
+    x = load_tile(ptrs, slots, interior, LAZY_MASKS)
     if HALVES == 2:
         ptrs2, slots2, interior2, g2, _ = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED,
                                                     VEC, PART, SPLIT)
-        where2 = _where(slots2, LAZY_MASKS)
-        x2 = load_tile(ptrs2, where2, interior2, LAZY_MASKS)
+        x2 = load_tile(ptrs2, slots2, interior2, LAZY_MASKS)
     store_tile(ptrs, _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH, SPLIT,
-                            PART, base_ptr.dtype.element_ty), where, interior, LAZY_MASKS)
+                            PART, base_ptr.dtype.element_ty), slots, interior, LAZY_MASKS)
     if HALVES == 2:
         store_tile(ptrs2, _axpby(x2, g2, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
-                                 SPLIT, PART, base_ptr.dtype.element_ty), where2, interior2,
+                                 SPLIT, PART, base_ptr.dtype.element_ty), slots2, interior2,
                    LAZY_MASKS)
-
-
-@triton.jit
-def _where(slots, LAZY: tl.constexpr):
-    """What load_tile and store_tile take: the slots with LAZY, else their mask."""
-    if LAZY:
-        return slots
-    else:
-        return in_tile(slots)
 
 
 @triton.jit
