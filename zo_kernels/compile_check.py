@@ -10,9 +10,9 @@ Each line reports what a reviewer would grep the PTX for: approximate math instr
 (the noise contract forbids them; the square root's seed is counted apart), the global
 load/store widths (interior tiles should use 16-byte vectors when the tensors are aligned),
 the Philox calls a thread makes, and for the exact kernel, which is compiled with
-enable_fp_fusion=False, the fma instructions (there must be none); from ptxas (Triton's
-own), the registers a thread and the spill bytes, which set how many blocks an SM holds; and
-from the SASS (Triton's nvdisasm), the instructions of each seed loop, and for the plain
+enable_fp_fusion=False, the fma instructions (Box-Muller's own, spelled out, and no others);
+from ptxas (Triton's own), the registers a thread and the spill bytes, which set how many
+blocks an SM holds; and from the SASS (Triton's nvdisasm), the instructions of each seed loop, and for the plain
 pass, per element a thread holds in a part (what Gaussian passes, bound by issue, cost).
 """
 from __future__ import annotations

@@ -41,8 +41,8 @@ ESC = -128
 # live (x, s_old, s_new, code, theta, its ESC count, ...): with the plain pass's
 # 4096-element tiles ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread
 # block per SM. At 8 elements a thread the variants compile_check reports take 63-82
-# uncapped under Triton 3.7 (up to 121 under 3.6). Of the sweep's pairs (benchmarks/gpu/driver.py --sweep-s, H200,
-# 124M), 1024-element tiles of 4 warps ran the three-pass cycle 8-12% faster than 2048 x 8
+# uncapped under Triton 3.7 (up to 121 under 3.6). Of the sweep's pairs
+# (benchmarks/gpu/driver.py --sweep-s, H200, 124M), 1024-element tiles of 4 warps ran the three-pass cycle 8-12% faster than 2048 x 8
 # in float32 and bfloat16, Gaussian and Rademacher, and fastest of all but in bfloat16
 # Rademacher (2048 x 4, 8% faster again). Not yet timed: 2048 x 4 in halves, 16 elements a
 # thread (twice the bytes in flight) at 75-80 registers where one 2048-slot part spills,
@@ -287,8 +287,9 @@ def _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old
                                     tl.load(scales_ptr + 1 + n_old + i), j, RADEMACHER, WIDTH)
     s_new = tl.where(flip, zero - s_old, s_new)
 
+    cptrs = codes_ptr + pos0 + idx
     if DECODE:
-        code = load_tile(codes_ptr + pos0 + idx, slots, interior).to(tl.int32)
+        code = load_tile(cptrs, slots, interior).to(tl.int32)
         esc = code == ESC_C
         t = _rn_bits(xf - s_old, DT)
         # sign(t) | (mag(t) + code) as one add: mag(t) + code is the encoded mag(theta),
@@ -315,7 +316,7 @@ def _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old
     if ENCODE:
         t2 = _rn_bits(_to_f32(out, DT) - s_new, DT)
         k = (theta_bits & MAG) - (t2 & MAG)
-        store_tile(codes_ptr + pos0 + idx, tl.where(esc, ESC_C, k).to(tl.int8), slots, interior)
+        store_tile(cptrs, tl.where(esc, ESC_C, k).to(tl.int8), slots, interior)
 
 
 def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int], block: int) -> list:
