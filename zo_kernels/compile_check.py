@@ -12,8 +12,9 @@ load/store widths (interior tiles should use 16-byte vectors when the tensors ar
 the Philox calls a thread makes, and for the exact kernel, which is compiled with
 enable_fp_fusion=False, the fma instructions (Box-Muller's own, spelled out, and no others);
 from ptxas (Triton's own), the registers a thread and the spill bytes, which set how many
-blocks an SM holds; and from the SASS (Triton's nvdisasm), the instructions of each seed loop, and for the plain
-pass, per element a thread holds in a part (what Gaussian passes, bound by issue, cost).
+blocks an SM holds; and from the SASS (Triton's nvdisasm), the instructions of each seed
+loop, and for the plain pass, per element a thread holds in a part (what Gaussian passes,
+bound by issue, cost).
 """
 from __future__ import annotations
 
