@@ -296,34 +296,44 @@ def assert_compiled_code(r):
         assert "ld.global.v4.b32" in r["loads"] and "st.global.v4.b32" in r["stores"], r
 
 
-def test_lazy_masks_compile_for_sm90(compile_reports):
-    """The GPU sweep's lazy-mask variants (Tiling.lazy_masks) compile as the default ones do:
-    no approximate math but the sqrt seeds, no call in a seed loop, 16-byte vectors, and the
-    same Philox work; registers within a capped tiling's maxnreg (spills are what a sweep
-    weighs, so they are not bounded here)."""
-    default = {(r["dtype"], r["rademacher"], r["aligned"]): r for r in compile_reports()}
-    reports = compile_reports("lazy")
-    assert len(reports) == 12
-    for r in reports:
-        d = default[(r["dtype"], r["rademacher"], r["aligned"])]
-        assert r["lazy_masks"] and not d["lazy_masks"], r
-        assert_compiled_code(r)
-        assert r["sqrt_seeds"] == d["sqrt_seeds"], r
-        assert r["philox_multiplies"] == d["philox_multiplies"], r
-        if r["registers"] is not None and r["maxnreg"] is not None:
-            assert r["registers"] <= r["maxnreg"], r
+def test_mask_modes_compile_for_sm90(compile_reports):
+    """Every variant with lazy masks and with eager ones (Tiling.lazy_masks; the GPU sweep
+    weighs both) compiles as the defaults do: no approximate math but the sqrt seeds, no call
+    in a seed loop, 16-byte vectors, registers within a capped tiling's maxnreg (spills are
+    what a sweep weighs, so they are not bounded here), and the same Philox work in each of
+    the lazy kernel's two copies of its noise code. Lazy masks keep every mask off an interior
+    tile's path: fewer instructions there than eager ones, and in Rademacher passes no element
+    compares (2 an element and part when LLVM hoisted the masked path's onto it)."""
+    eager = {(r["dtype"], r["rademacher"], r["aligned"]): r for r in compile_reports("eager")}
+    lazy = compile_reports("lazy")
+    assert len(lazy) == len(eager) == 12
+    for r in lazy:
+        e = eager[(r["dtype"], r["rademacher"], r["aligned"])]
+        assert r["lazy_masks"] and not e["lazy_masks"] and (r["paths"], e["paths"]) == (2, 1), r
+        for report in (r, e):
+            assert_compiled_code(report)
+            if report["registers"] is not None and report["maxnreg"] is not None:
+                assert report["registers"] <= report["maxnreg"], report
+        assert r["sqrt_seeds"] == 2 * e["sqrt_seeds"], r
+        assert 0 < r["philox_multiplies"] <= 2 * e["philox_multiplies"], r
+        if r["aligned"] and r["interior_instructions"] is not None:
+            assert r["interior_instructions"] < e["interior_instructions"], (r, e)
+            if r["rademacher"]:
+                elements = r["block"] // (r["halves"] * r["warps"] * 32)  # a part, a thread
+                assert e["interior_compares"] >= 2 * elements > r["interior_compares"], (r, e)
 
 
 def test_aligned_tiles_make_no_philox_call_twice(compile_reports):
-    """The Philox work of one thread and seed (Philox makes 20 multiplies a call, the PTX
-    counts them): a Gaussian call per 4 elements it holds, and one Rademacher call for all of
-    them, since its elements are the slices of one 128-element row (kernels.LANES) where a
-    row-per-warp layout had each thread make a call for every 16-byte vector."""
+    """The Philox work of one thread and seed in each copy of the noise code (Philox makes 20
+    multiplies a call, the PTX counts them): a Gaussian call per 4 elements it holds, and
+    one Rademacher call for all of them, since its elements are the slices of one
+    128-element row (kernels.LANES) where a row-per-warp layout had each thread make a call
+    for every 16-byte vector."""
     for r in compile_reports():
         if r["aligned"]:
             per_thread = r["block"] // (r["warps"] * 32)
             calls = r["halves"] if r["rademacher"] else per_thread // 4
-            assert 0 < r["philox_multiplies"] <= 20 * calls, r
+            assert 0 < r["philox_multiplies"] <= 20 * calls * r["paths"], r
 
 
 # --- full size on a GPU --------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Compiles every variant of the kernels for a CUDA target without a GPU (ptxas included).
 
     python -m zo_kernels.compile_check [arch]         # prints one JSON line per variant
-    python -m zo_kernels.compile_check [arch] lazy    # the same with lazy masks (a sweep's)
+    python -m zo_kernels.compile_check [arch] lazy    # every variant with lazy masks
+    python -m zo_kernels.compile_check [arch] eager   # every variant with eager masks
     python -m zo_kernels.compile_check [arch] exact   # the same for the exact pass (exact.py)
     python -m zo_kernels.compile_check [arch] table   # the side table's kernels (exact_table.py)
 
@@ -14,7 +15,8 @@ enable_fp_fusion=False, the fma instructions (Box-Muller's own, spelled out, and
 from ptxas (Triton's own), the registers a thread and the spill bytes, which set how many
 blocks an SM holds; and from the SASS (Triton's nvdisasm), the instructions of each seed
 loop, and for the plain pass, per element a thread holds in a part (what Gaussian passes,
-bound by issue, cost).
+bound by issue, cost), and the path of an interior tile through an aligned plain pass (its
+instructions, and its compares outside the loops: a masked branch's, hoisted onto it, show).
 """
 from __future__ import annotations
 
@@ -63,15 +65,21 @@ def source(dtype: str, rademacher: bool, aligned: bool,
 
 
 def report(dtype: str, rademacher: bool, aligned: bool, arch: int,
-           lazy_masks: bool = False) -> dict:
-    """The plain pass as launched, or with its masks made lazily (Tiling.lazy_masks)."""
-    tiling = plain_config(dtype, rademacher, aligned)._replace(lazy_masks=lazy_masks)
+           lazy_masks: bool | None = None) -> dict:
+    """The plain pass as launched, or with its masks made lazily or eagerly (Tiling.lazy_masks;
+    None: as launched). A kernel with lazy masks holds two copies of its noise code, an
+    interior tile's and a masked one's: ``paths``."""
+    tiling = plain_config(dtype, rademacher, aligned)
+    if lazy_masks is not None:
+        tiling = tiling._replace(lazy_masks=lazy_masks)
     compiled = triton.compile(source(dtype, rademacher, aligned, tiling),
                               target=GPUTarget("cuda", arch, 32), options=tiling.options())
     facts = summary(compiled)
+    if aligned:
+        facts.update(interior(compiled.asm["cubin"]))
     per_part = tiling.block // (tiling.halves * tiling.warps * 32)  # elements a thread
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
-            **tiling._asdict(), **facts,
+            **tiling._asdict(), "paths": 2 if tiling.lazy_masks else 1, **facts,
             "loop_per_element": [round(n / per_part, 1)
                                  for n in facts["loop_instructions"] or []]}
 
@@ -101,17 +109,11 @@ def summary(compiled) -> dict:
             **registers(ptx), **loops(compiled.asm["cubin"])}
 
 
-def _nvdisasm() -> str | None:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    return str(bundled) if bundled.is_file() else shutil.which("nvdisasm")
-
-
-def loops(cubin: bytes) -> dict:
-    """The SASS loops (the seed loops: a body a part): the instructions of each body and the
-    calls in them (sqrt_rn's slow path was one a pair of normals). None without nvdisasm."""
+def _sass(cubin: bytes) -> tuple[list[str], dict[str, int]] | None:
+    """The SASS instructions and the index each label points at (None without nvdisasm)."""
     tool = _nvdisasm()
     if tool is None:
-        return {"loop_instructions": None, "loop_calls": None}
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -122,13 +124,82 @@ def loops(cubin: bytes) -> dict:
             labels[label.group(1)] = len(code)
         elif instruction := re.match(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line):
             code.append(instruction.group(1))
-    bodies = []
-    for end, instruction in enumerate(code):
-        target = re.search(r"\bBRA\s+`\((\.L_x_\d+)\)", instruction)
-        if target and labels.get(target.group(1), end + 1) < end:  # a branch back: a loop
-            bodies.append(code[labels[target.group(1)]:end + 1])
+    return code, labels
+
+
+def _nvdisasm() -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return str(bundled) if bundled.is_file() else shutil.which("nvdisasm")
+
+
+def loops(cubin: bytes) -> dict:
+    """The SASS loops (the seed loops: a body a part): the instructions of each body and the
+    calls in them (sqrt_rn's slow path was one a pair of normals). None without nvdisasm."""
+    sass = _sass(cubin)
+    if sass is None:
+        return {"loop_instructions": None, "loop_calls": None}
+    code, labels = sass
+    bodies = [code[start:end + 1] for start, end in _loops(code, labels)]
     return {"loop_instructions": [len(b) for b in bodies],
             "loop_calls": sum(" CALL" in f" {i}" for b in bodies for i in b)}
+
+
+def interior(cubin: bytes) -> dict:
+    """The path of an interior tile through an aligned plain pass (_interior_path): its SASS
+    instructions, each loop once, and its compares outside the loops (a tile's bounds, and
+    the element masks of a variant that makes them for every tile). None without nvdisasm."""
+    sass = _sass(cubin)
+    if sass is None:
+        return {"interior_instructions": None, "interior_compares": None}
+    code, labels = sass
+    in_loop = [False] * len(code)
+    for start, end in _loops(code, labels):
+        in_loop[start:end + 1] = [True] * (end + 1 - start)
+    path = _interior_path(code, labels, in_loop)
+    return {"interior_instructions": len(path),
+            "interior_compares": sum(bool(re.match(r"(@!?P\w+\s+)?ISETP", code[k]))
+                                     for k in path if not in_loop[k])}
+
+
+BRANCH = re.compile(r"\bBRA\s+(?:!?U?P\w+,\s*)?`\((\.L_x_\d+)\)")
+# A global access of a tile's data one element at a time: a masked path's (16-byte vectors
+# are LDG.E.128 / STG.E.128; the seeds' and scales' loads sit in the seed loops or after them).
+SCALAR_DATA = re.compile(r"\b(LDG|STG)\.E(\.U16|\.U8|\.S8)?\s")
+
+
+def _loops(code: list[str], labels: dict) -> list[tuple[int, int]]:
+    """(first, last) instruction of each loop: a branch back."""
+    spans = []
+    for end, instruction in enumerate(code):
+        target = BRANCH.search(instruction)
+        if target and labels.get(target.group(1), end + 1) < end:
+            spans.append((labels[target.group(1)], end))
+    return spans
+
+
+def _interior_path(code: list[str], labels: dict, in_loop: list[bool]) -> list[int]:
+    """The instructions an interior tile of an aligned plain pass runs, each loop once: from
+    the entry, over every forward branch past scalar data accesses and no loop (a masked
+    load or store), into everything else, to the EXIT after which no scalar store is left."""
+    path, i = [], 0
+    while i < len(code):
+        instruction = code[i]
+        path.append(i)
+        if re.match(r"(@!?P\w+\s+)?EXIT\b", instruction):
+            rest = code[i + 1:]
+            if not instruction.startswith("@") or any(SCALAR_DATA.search(r) for r in rest):
+                break
+        target = BRANCH.search(instruction)
+        if target and labels[target.group(1)] > i:
+            j = labels[target.group(1)]
+            skipped = range(i + 1, j)
+            if not instruction.startswith("@") or (
+                    any(SCALAR_DATA.search(code[k]) for k in skipped)
+                    and not any(in_loop[k] for k in skipped)):
+                i = j
+                continue
+        i += 1
+    return path
 
 
 def _ptxas(arch: int) -> str | None:
@@ -232,8 +303,8 @@ def main(arch: int = 90, which: str = "noise") -> None:
                               flush=True)
                 continue
             for aligned in (True, False):
-                print(json.dumps(report(dtype, rademacher, aligned, arch, which == "lazy")),
-                      flush=True)
+                masks = {"lazy": True, "eager": False}.get(which)
+                print(json.dumps(report(dtype, rademacher, aligned, arch, masks)), flush=True)
 
 
 if __name__ == "__main__":

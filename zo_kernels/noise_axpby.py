@@ -33,9 +33,9 @@ class Tiling(NamedTuple):
     """How the plain pass runs over a dtype group: ``block`` slots a program (a multiple of
     128) and ``warps`` warps, in ``halves`` parts (noise_axpby_kernel), compiled with at most
     ``maxnreg`` registers a thread (None: uncapped). A cap trades registers for resident
-    warps. ``lazy_masks``: a tile's masks made only in its masked branches (load_tile), not
-    once for its load and store: fewer instructions on an interior tile's path, but the slot
-    indices live across the seed loops (benchmarks/gpu/NOTES.md)."""
+    warps. ``lazy_masks``: a tile's masks made on its masked path only (noise_axpby_kernel),
+    not once for all tiles: fewer instructions on an interior tile's path, for two copies of
+    the noise code (benchmarks/gpu/NOTES.md)."""
     block: int
     warps: int
     halves: int = 1
@@ -59,12 +59,14 @@ class Tiling(NamedTuple):
 # occupancy: 8192-slot programs of 8 warps, capped at 64 registers for four blocks an SM
 # (Triton 3.6 spills 16 bytes, 3.7 to 3.9 none; its seed loop, 7.7 SASS instructions an
 # element, is leaner than the CUDA kernel's 9.2, so bytes in flight are the gap). Gaussian
-# ones hold one half's Box-Muller at a time: 73-80 registers where one 4096-slot part took
-# 115-121 (float32: two 256-thread blocks an SM become three; 16-bit ones were capped at 80
-# for three, and spilled 120-128 bytes).
+# ones hold one half's Box-Muller at a time: 64 registers (16-bit) and 78-79 (float32),
+# where one 4096-slot part took 115-121 (float32: two 256-thread blocks an SM become three;
+# 16-bit ones were capped at 80 for three, and spilled 120-128 bytes). Their lazy masks take
+# 6-8% fewer instructions on an interior tile's path than eager ones, at the same blocks an
+# SM (eager: 58 and 74-75 registers; a thread's registers are allocated 8 at a time).
 TILINGS: dict[tuple[str, int], Tiling] = {
-    ("gaussian", 4): Tiling(4096, 8, halves=2),
-    ("gaussian", 2): Tiling(4096, 8, halves=2),
+    ("gaussian", 4): Tiling(4096, 8, halves=2, lazy_masks=True),
+    ("gaussian", 2): Tiling(4096, 8, halves=2, lazy_masks=True),
     ("rademacher", 4): Tiling(4096, 8, maxnreg=80),
     ("rademacher", 2): Tiling(8192, 8, halves=2, maxnreg=64),
 }
@@ -389,10 +391,26 @@ def tile_part(base_ptr, origin, FIRST: tl.constexpr, WIDTH: tl.constexpr, ALIGNE
 
 
 @triton.jit
-def in_tile(slots):
-    """Which slots hold the tensor's elements (``slots``: tile_part's)."""
+def in_tile(slots, HERE: tl.constexpr = False):
+    """Which slots hold the tensor's elements (``slots``: tile_part's). HERE: made where it is
+    written, from bounds the compiler cannot move (_pinned), so that a masked branch keeps
+    its compares: LLVM hoisted them above the branch, onto the interior tiles' path (32
+    compares and their packing into bit registers, in 16-bit Rademacher passes)."""
     idx, lo_in, hi_in = slots
+    if HERE:
+        lo_in = _pinned(lo_in)
+        hi_in = _pinned(hi_in)
     return (idx >= lo_in) & (idx < hi_in)
+
+
+@triton.jit
+def _pinned(v):
+    """The int32 v through an opaque move (PTX with side effects: never hoisted or merged)."""
+    if NO_INLINE_PTX:
+        return v
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                         is_pure=False, pack=1)
 
 
 @triton.jit
@@ -407,7 +425,7 @@ def load_tile(ptrs, slots, interior, LAZY: tl.constexpr = False):
         x = tl.load(ptrs)
     else:
         if LAZY:
-            mask = in_tile(slots)
+            mask = in_tile(slots, True)
         x = tl.load(ptrs, mask=mask, other=0.0)
     return x
 
@@ -420,7 +438,7 @@ def store_tile(ptrs, values, slots, interior, LAZY: tl.constexpr = False):
         tl.store(ptrs, values)
     else:
         if LAZY:
-            mask = in_tile(slots)
+            mask = in_tile(slots, True)
         tl.store(ptrs, values, mask=mask)
 
 
@@ -432,7 +450,10 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows), in
     HALVES parts (1 or 2) whose loads are all issued before any part's noise: a thread then
     has twice the bytes in flight at the registers of one part (the CUDA kernel's 64 bytes a
-    thread, where a 16-bit thread of one 4096-slot part of 8 warps holds 32)."""
+    thread, where a 16-bit thread of one 4096-slot part of 8 warps holds 32). With
+    LAZY_MASKS, the noise and the stores of a tile take one of two paths, interior (no mask
+    in sight) or masked, as its loads do: a branch per store held the slot indices across
+    the seed loops."""
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
         SPLIT: tl.constexpr = 128 // (LANES * VEC)
@@ -444,19 +465,39 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
         SPLIT: tl.constexpr = 1
     PART: tl.constexpr = BLOCK // HALVES
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
-    ptrs, slots, interior, g0, _ = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART,
-                                             SPLIT)
-    x = load_tile(ptrs, slots, interior, LAZY_MASKS)
+    part = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART, SPLIT)
+    x = load_tile(part[0], part[1], part[2], LAZY_MASKS)
     if HALVES == 2:
-        ptrs2, slots2, interior2, g2, _ = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED,
-                                                    VEC, PART, SPLIT)
-        x2 = load_tile(ptrs2, slots2, interior2, LAZY_MASKS)
+        part2 = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED, VEC, PART, SPLIT)
+        x2 = load_tile(part2[0], part2[1], part2[2], LAZY_MASKS)
+        whole = part[2] & part2[2]
+    else:
+        part2, x2, whole = part, x, part[2]  # not used
+    if not LAZY_MASKS:
+        _finish(x, part, part[2], x2, part2, part2[2], seeds_ptr, scales_ptr, n_seeds,
+                RADEMACHER, WIDTH, SPLIT, PART, HALVES, False)
+    elif whole:
+        _finish(x, part, True, x2, part2, True, seeds_ptr, scales_ptr, n_seeds, RADEMACHER,
+                WIDTH, SPLIT, PART, HALVES, True)
+    else:
+        _finish(x, part, False, x2, part2, False, seeds_ptr, scales_ptr, n_seeds, RADEMACHER,
+                WIDTH, SPLIT, PART, HALVES, True)
+
+
+@triton.jit
+def _finish(x, part, interior, x2, part2, interior2, seeds_ptr, scales_ptr, n_seeds,
+            RADEMACHER: tl.constexpr, WIDTH: tl.constexpr, SPLIT: tl.constexpr,
+            PART: tl.constexpr, HALVES: tl.constexpr, LAZY: tl.constexpr):
+    """The noise and the stores of the loaded parts (tile_part's values; the interiors may be
+    constexpr, for a path that knows them)."""
+    ptrs, slots, _, g0, _ = part
+    DT: tl.constexpr = ptrs.dtype.element_ty
     store_tile(ptrs, _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH, SPLIT,
-                            PART, base_ptr.dtype.element_ty), slots, interior, LAZY_MASKS)
+                            PART, DT), slots, interior, LAZY)
     if HALVES == 2:
+        ptrs2, slots2, _, g2, _ = part2
         store_tile(ptrs2, _axpby(x2, g2, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
-                                 SPLIT, PART, base_ptr.dtype.element_ty), slots2, interior2,
-                   LAZY_MASKS)
+                                 SPLIT, PART, DT), slots2, interior2, LAZY)
 
 
 @triton.jit
