@@ -466,17 +466,18 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
     PART: tl.constexpr = BLOCK // HALVES
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
     part = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART, SPLIT)
-    x = load_tile(part[0], part[1], part[2], LAZY_MASKS)
+    ptrs, slots, interior, _, _ = part
+    x = load_tile(ptrs, slots, interior, LAZY_MASKS)
     if HALVES == 2:
         part2 = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED, VEC, PART, SPLIT)
-        x2 = load_tile(part2[0], part2[1], part2[2], LAZY_MASKS)
-        whole = part[2] & part2[2]
-    else:
-        part2, x2, whole = part, x, part[2]  # not used
+        ptrs2, slots2, interior2, _, _ = part2
+        x2 = load_tile(ptrs2, slots2, interior2, LAZY_MASKS)
+    else:  # one part: _finish never reads a second
+        part2, x2, interior2 = part, x, interior
     if not LAZY_MASKS:
-        _finish(x, part, part[2], x2, part2, part2[2], seeds_ptr, scales_ptr, n_seeds,
+        _finish(x, part, interior, x2, part2, interior2, seeds_ptr, scales_ptr, n_seeds,
                 RADEMACHER, WIDTH, SPLIT, PART, HALVES, False)
-    elif whole:
+    elif interior & interior2:
         _finish(x, part, True, x2, part2, True, seeds_ptr, scales_ptr, n_seeds, RADEMACHER,
                 WIDTH, SPLIT, PART, HALVES, True)
     else:
