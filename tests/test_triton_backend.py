@@ -227,11 +227,15 @@ def test_unaligned_views_take_the_unaligned_tiles(distribution):
 @pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
 @pytest.mark.parametrize("tiling", [kernels.Tiling(1024, 4), kernels.Tiling(1024, 4, halves=2),
                                     kernels.Tiling(512, 2, halves=2, maxnreg=64),
-                                    kernels.Tiling(1024, 4, halves=2, lazy_masks=True)])
+                                    kernels.Tiling(1024, 4, halves=2, lazy_masks=True),
+                                    kernels.Tiling(1024, 4, persistent=1),
+                                    kernels.Tiling(512, 2, halves=2, lazy_masks=True,
+                                                   persistent=3)])
 def test_tilings_give_the_same_bits(monkeypatch, distribution, tiling):
     """A tiling from a GPU sweep (kernels.TILINGS) changes the tiles, never a value: z is a
     function of (seed, global index) alone. Tensors end in either half of a two-half program,
-    and one program holds a tensor's end and the next's start."""
+    one program holds a tensor's end and the next's start, and a persistent grid's programs
+    walk several tiles each (kernels.INTERPRETER_SMS stands in for a GPU's SMs)."""
     sizes, dtypes = (5000, 129, 1, 700), (torch.bfloat16, torch.float32, torch.float16, torch.float32)
     offsets = [2**33 + o for o in noise.offsets(sizes)]
     default = random_params(sizes, dtypes, device_for_kernels())
@@ -321,6 +325,24 @@ def test_mask_modes_compile_for_sm90(compile_reports):
             if r["rademacher"]:
                 elements = r["block"] // (r["halves"] * r["warps"] * 32)  # a part, a thread
                 assert e["interior_compares"] >= 2 * elements > r["interior_compares"], (r, e)
+
+
+def test_persistent_grids_compile_for_sm90(compile_reports):
+    """Every variant on a persistent grid (Tiling.persistent: its programs walk the tiles in
+    a loop) compiles as launched, with the same Philox work and square roots: no
+    approximate math but the sqrt seeds, no call in a loop, 16-byte vectors, registers within
+    a capped tiling's maxnreg."""
+    default = {(r["dtype"], r["rademacher"], r["aligned"]): r for r in compile_reports()}
+    reports = compile_reports("persistent")
+    assert len(reports) == 12
+    for r in reports:
+        d = default[(r["dtype"], r["rademacher"], r["aligned"])]
+        assert r["persistent"] and not d["persistent"], r
+        assert_compiled_code(r)
+        for work in ("sqrt_seeds", "philox_multiplies"):
+            assert r[work] == d[work], r
+        if r["registers"] is not None and r["maxnreg"] is not None:
+            assert r["registers"] <= r["maxnreg"], r
 
 
 def test_aligned_tiles_make_no_philox_call_twice(compile_reports):

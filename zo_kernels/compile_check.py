@@ -3,6 +3,7 @@
     python -m zo_kernels.compile_check [arch]         # prints one JSON line per variant
     python -m zo_kernels.compile_check [arch] lazy    # every variant with lazy masks
     python -m zo_kernels.compile_check [arch] eager   # every variant with eager masks
+    python -m zo_kernels.compile_check [arch] persistent  # every variant on a persistent grid
     python -m zo_kernels.compile_check [arch] exact   # the same for the exact pass (exact.py)
     python -m zo_kernels.compile_check [arch] table   # the side table's kernels (exact_table.py)
 
@@ -54,28 +55,31 @@ def source(dtype: str, rademacher: bool, aligned: bool,
     tiling = tiling or plain_config(dtype, rademacher, aligned)
     kernel = noise_axpby.noise_axpby_kernel
     signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
-                 "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_seeds": "i32"}
+                 "seeds_ptr": "*i64", "scales_ptr": "*fp32", "n_seeds": "i32", "n_tiles": "i32"}
     constexprs = {"RADEMACHER": rademacher, "ALIGNED": aligned,
                   "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype], "BLOCK": tiling.block,
-                  "HALVES": tiling.halves, "LAZY_MASKS": tiling.lazy_masks}
+                  "HALVES": tiling.halves, "LAZY_MASKS": tiling.lazy_masks,
+                  "PERSISTENT": tiling.persistent > 0}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16 for name in POINTER_ARGS}
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                      attrs=attrs)
 
 
-def report(dtype: str, rademacher: bool, aligned: bool, arch: int,
-           lazy_masks: bool | None = None) -> dict:
-    """The plain pass as launched, or with its masks made lazily or eagerly (Tiling.lazy_masks;
-    None: as launched). A kernel with lazy masks holds two copies of its noise code, an
-    interior tile's and a masked one's: ``paths``."""
-    tiling = plain_config(dtype, rademacher, aligned)
-    if lazy_masks is not None:
-        tiling = tiling._replace(lazy_masks=lazy_masks)
+# The plain pass's variants besides the defaults: Tiling fields to change (the GPU sweep's).
+MODES = {"lazy": {"lazy_masks": True}, "eager": {"lazy_masks": False},
+         "persistent": {"persistent": 4}}
+
+
+def report(dtype: str, rademacher: bool, aligned: bool, arch: int, **changes) -> dict:
+    """The plain pass as launched, or with ``changes`` to its Tiling (MODES). A kernel with
+    lazy masks holds two copies of its noise code, an interior tile's and a masked one's:
+    ``paths``."""
+    tiling = plain_config(dtype, rademacher, aligned)._replace(**changes)
     compiled = triton.compile(source(dtype, rademacher, aligned, tiling),
                               target=GPUTarget("cuda", arch, 32), options=tiling.options())
     facts = summary(compiled)
-    if aligned:
+    if aligned and not tiling.persistent:  # a persistent grid's tiles are all in its loop
         facts.update(interior(compiled.asm["cubin"]))
     per_part = tiling.block // (tiling.halves * tiling.warps * 32)  # elements a thread
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
@@ -290,6 +294,9 @@ def table_report(kernel, dtype: str, arch: int) -> dict:
 def main(arch: int = 90, which: str = "noise") -> None:
     if noise_axpby.INTERPRETED:
         sys.exit("compile_check needs the compiler: unset TRITON_INTERPRET")
+    if which not in ("noise", "exact", "table", *MODES):
+        sys.exit(f"unknown variant set {which!r}: give none, or one of "
+                 f"{', '.join(['exact', 'table', *MODES])}")
     for dtype in ELEMENT_BYTES:
         if which == "table":
             for kernel in (exact_table.count_kernel, exact_table.fill_kernel):
@@ -303,8 +310,9 @@ def main(arch: int = 90, which: str = "noise") -> None:
                               flush=True)
                 continue
             for aligned in (True, False):
-                masks = {"lazy": True, "eager": False}.get(which)
-                print(json.dumps(report(dtype, rademacher, aligned, arch, masks)), flush=True)
+                changes = MODES.get(which, {})
+                print(json.dumps(report(dtype, rademacher, aligned, arch, **changes)),
+                      flush=True)
 
 
 if __name__ == "__main__":

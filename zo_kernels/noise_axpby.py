@@ -15,6 +15,7 @@ counter split is the contract's on every Triton version (it matches 3.7's randin
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import torch
@@ -35,12 +36,15 @@ class Tiling(NamedTuple):
     ``maxnreg`` registers a thread (None: uncapped). A cap trades registers for resident
     warps. ``lazy_masks``: a tile's masks made on its masked path only (noise_axpby_kernel),
     not once for all tiles: fewer instructions on an interior tile's path, for two copies of
-    the noise code (benchmarks/gpu/NOTES.md)."""
+    the noise code. ``persistent``: 0, a program a tile; k > 0, a grid of k programs an SM
+    that walk the tiles (the CUDA kernel's shape: no block launched or retired a tile, and a
+    tile's table reads mostly from L1) (benchmarks/gpu/NOTES.md)."""
     block: int
     warps: int
     halves: int = 1
     maxnreg: int | None = None
     lazy_masks: bool = False
+    persistent: int = 0
 
     def options(self) -> dict:
         """The compile options of a launch (compile_check compiles with the same). Contraction
@@ -353,10 +357,14 @@ def tile(base_ptr, rows_ptr, block_map_ptr, WIDTH: tl.constexpr, ALIGNED: tl.con
 
 
 @triton.jit
-def tile_origin(rows_ptr, block_map_ptr, BLOCK: tl.constexpr):
+def tile_origin(rows_ptr, block_map_ptr, BLOCK: tl.constexpr, TILE=None):
     """(the tensor's first slot in the buffer, its slots lo and hi, the global index of its
-    slot 0, this program's first slot): what a program of BLOCK slots reads from its row."""
-    pid = tl.program_id(0)
+    slot 0, the tile's first slot): what tile TILE (None: this program's) of BLOCK slots
+    reads from its row."""
+    if TILE is None:
+        pid = tl.program_id(0)
+    else:
+        pid = TILE
     row = rows_ptr + tl.load(block_map_ptr + pid).to(tl.int64) * 5
     slot0 = (pid - tl.load(row + 4)) * BLOCK  # int64: the tile's first slot
     return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), slot0
@@ -444,16 +452,31 @@ def store_tile(ptrs, values, slots, interior, LAZY: tl.constexpr = False):
 
 @triton.jit
 def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
-                       RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
+                       n_tiles, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
                        VEC: tl.constexpr, BLOCK: tl.constexpr, HALVES: tl.constexpr,
-                       LAZY_MASKS: tl.constexpr):
+                       LAZY_MASKS: tl.constexpr, PERSISTENT: tl.constexpr):
     """One program: one BLOCK-slot tile of one tensor (see tensor_table.py for the rows), in
     HALVES parts (1 or 2) whose loads are all issued before any part's noise: a thread then
     has twice the bytes in flight at the registers of one part (the CUDA kernel's 64 bytes a
     thread, where a 16-bit thread of one 4096-slot part of 8 warps holds 32). With
     LAZY_MASKS, the noise and the stores of a tile take one of two paths, interior (no mask
     in sight) or masked, as its loads do: a branch per store held the slot indices across
-    the seed loops."""
+    the seed loops. PERSISTENT: the program walks tiles pid, pid + grid, ... of the n_tiles
+    (Tiling.persistent)."""
+    if PERSISTENT:
+        for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _tile_pass(t, base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
+                       RADEMACHER, ALIGNED, VEC, BLOCK, HALVES, LAZY_MASKS)
+    else:
+        _tile_pass(None, base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
+                   RADEMACHER, ALIGNED, VEC, BLOCK, HALVES, LAZY_MASKS)
+
+
+@triton.jit
+def _tile_pass(tile, base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_seeds,
+               RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+               BLOCK: tl.constexpr, HALVES: tl.constexpr, LAZY_MASKS: tl.constexpr):
+    """The pass over one tile (None: this program's), in HALVES parts."""
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
         SPLIT: tl.constexpr = 128 // (LANES * VEC)
@@ -464,7 +487,7 @@ def noise_axpby_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr,
             WIDTH: tl.constexpr = 4  # an element a load anyway; wider rows only add registers
         SPLIT: tl.constexpr = 1
     PART: tl.constexpr = BLOCK // HALVES
-    origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
+    origin = tile_origin(rows_ptr, block_map_ptr, BLOCK, tile)
     part = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART, SPLIT)
     ptrs, slots, interior, _, _ = part
     x = load_tile(ptrs, slots, interior, LAZY_MASKS)
@@ -601,9 +624,25 @@ def prepare(params: Sequence[torch.Tensor], offsets: Sequence[int]):
 
 def _launch(params: list[torch.Tensor], table, seeds: torch.Tensor, n_seeds: int,
             scales: torch.Tensor, rademacher: bool, tiling: Tiling) -> None:
+    grid = table.n_blocks
+    if tiling.persistent:
+        grid = min(grid, tiling.persistent * sm_count(params[0].device))
     with device_of(params):
-        noise_axpby_kernel[(table.n_blocks,)](
+        noise_axpby_kernel[(grid,)](
             params[table.base_index], table.rows, table.block_map, seeds, scales, n_seeds,
-            RADEMACHER=rademacher, ALIGNED=table.aligned,
+            table.n_blocks, RADEMACHER=rademacher, ALIGNED=table.aligned,
             VEC=VECTOR_BYTES // params[0].element_size(), BLOCK=tiling.block,
-            HALVES=tiling.halves, LAZY_MASKS=tiling.lazy_masks, **tiling.options())
+            HALVES=tiling.halves, LAZY_MASKS=tiling.lazy_masks,
+            PERSISTENT=tiling.persistent > 0, **tiling.options())
+
+
+# The interpreter's stand-in for a GPU's SMs: few, so that its programs walk several tiles.
+INTERPRETER_SMS = 2
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The SMs of ``device`` (asked once: the query costs microseconds, a pass launches often)."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -160,16 +160,26 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
     return rows
 
 
-# The plain pass's candidate tilings (zo_kernels.noise_axpby.Tiling: block, warps, halves,
-# maxnreg, lazy_masks), and the exact kernel's (zo_kernels.exact.CONFIG: block, warps,
-# halves). Lazy masks take 6-25% fewer instructions on an interior tile's path, for two
-# copies of the noise code (16-bit Rademacher at 64 registers spills 72 bytes on Triton 3.6,
-# 16 with eager masks; uncapped it takes 124 registers, two blocks an SM).
-PLAIN_SWEEP = ((4096, 8), (4096, 8, 1, 80), (4096, 8, 1, 64), (2048, 8), (1024, 4),
-               (4096, 8, 2), (4096, 8, 2, 80), (4096, 8, 2, 64), (2048, 4, 2),
-               (8192, 16, 2), (8192, 8, 2, 64), (8192, 8, 2, 72),
-               (4096, 8, 2, None, True), (8192, 8, 2, 64, True), (8192, 8, 2, 80, True),
-               (8192, 8, 2, None, True), (4096, 8, 1, 80, True))
+# The plain pass's candidate tilings per distribution (zo_kernels.noise_axpby.Tiling: block,
+# warps, halves, maxnreg, lazy_masks, persistent), and the exact kernel's
+# (zo_kernels.exact.CONFIG: block, warps, halves). Each pair that differs in one setting
+# answers one question. Rademacher (the 16-bit pass at 69% of copy on 11-29 whatever the
+# tile, 32 to 64 bytes a thread, and the cap): the float32 default; bytes in flight in halves
+# (8192 x 8 x 2, the 16-bit default); lazy masks (6-25% fewer instructions on an interior
+# tile's path, for two copies of the noise code; 16-bit at 64 registers spills 72 bytes on
+# Triton 3.6, 16 eager); a persistent grid (the CUDA kernel's shape, at 85%: 4096 x 8 capped
+# at 64, 11-29's 16-bit shape, compiles without spills either way). Gaussian: lazy (the
+# default) against eager masks, persistent, caps and tile sizes.
+PLAIN_SWEEP = {
+    "rademacher": ((4096, 8, 1, 80), (4096, 8, 1, 80, True), (4096, 8, 1, 80, False, 3),
+                   (4096, 8, 1, 64), (4096, 8, 1, 64, False, 4),
+                   (8192, 8, 2, 64), (8192, 8, 2, 64, True), (8192, 8, 2, 64, False, 4),
+                   (8192, 8, 2, 72), (8192, 8, 2, 80, True), (8192, 8, 2, None, True),
+                   (8192, 16, 2), (4096, 8, 2, 64), (2048, 4, 2)),
+    "gaussian": ((4096, 8, 2, None, True), (4096, 8, 2), (4096, 8, 2, None, True, 4),
+                 (4096, 8, 2, 80), (2048, 4, 2), (2048, 4, 2, None, True), (4096, 8),
+                 (8192, 16, 2)),
+}
 EXACT_SWEEP = ((1024, 4, 1), (2048, 4, 1), (2048, 4, 2), (4096, 8, 2))
 # Each variant compiles on its first pass (seconds of ptxas each): the kinds whose targets
 # are open go first (16-bit types, and in them Rademacher passes, the reachable one), so that
@@ -181,15 +191,15 @@ SWEEP_DISTRIBUTIONS = ("rademacher", "gaussian")
 def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
                configs=EXACT_SWEEP, dtypes=SWEEP_DTYPES) -> list[dict]:
     """The Triton kernels per dtype and distribution as % of copy: the plain pass at each of
-    ``tilings`` (the best goes into zo_kernels.noise_axpby.TILINGS), then the exact pass cycle
-    at each (block, warps, halves) of ``configs`` (zo_kernels.exact.CONFIG)."""
+    ``tilings[distribution]`` (the best goes into zo_kernels.noise_axpby.TILINGS), then the
+    exact pass cycle at each (block, warps, halves) of ``configs`` (zo_kernels.exact.CONFIG)."""
     from zo_kernels import exact as exact_kernels, noise_axpby
 
     def variants(params, dist):
         key = (dist, params[0].element_size())
         plain = [(_tiling_name(t), 1, mock.patch.dict(noise_axpby.TILINGS, {key: t}),
                   lambda: workloads.make_pass("zo-opt[triton]", params, dist))
-                 for t in [noise_axpby.Tiling(*c) for c in tilings]]
+                 for t in [noise_axpby.Tiling(*c) for c in tilings[dist]]]
         # the exact runner reads CONFIG on its first pass
         cycle = [(_tiling_name(noise_axpby.Tiling(*c)), 3,
                   mock.patch.object(exact_kernels, "CONFIG", tuple(c)),
@@ -203,7 +213,8 @@ def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
 def _tiling_name(t) -> str:
     return (f"BLOCK={t.block} warps={t.warps}" + (f" halves={t.halves}" if t.halves > 1 else "")
             + (f" maxnreg={t.maxnreg}" if t.maxnreg else "")
-            + (" lazy masks" if t.lazy_masks else ""))
+            + (" lazy masks" if t.lazy_masks else "")
+            + (f" persistent={t.persistent}" if t.persistent else ""))
 
 
 def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, variants) -> list[dict]:
@@ -475,8 +486,8 @@ def table(rows: list[dict], info: dict) -> str:
             "its outside part against the MeZO-style loop, peak memory above the parameters "
             "of a step whose loss reads one element. SM MHz: the SM clock read just after the "
             "row was timed.", "",
-            *([f"Triton tilings (block, warps, halves, maxnreg, lazy masks) outside the "
-               f"sweep: {info['triton_tilings']}; exact pass (block, warps, halves): "
+            *([f"Triton tilings (block, warps, halves, maxnreg, lazy masks, persistent) "
+               f"outside the sweep: {info['triton_tilings']}; exact pass (block, warps, halves): "
                f"{info['triton_exact_config']}.", ""] if "triton_tilings" in info else []),
             "| workload | dtype | directions | implementation | time | GB/s | % of copy | speed-up vs MeZO-style | outside forwards | peak extra memory | SM MHz |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
