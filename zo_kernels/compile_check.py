@@ -287,7 +287,7 @@ def table_report(kernel, dtype: str, arch: int) -> dict:
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                        attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": exact_table.NUM_WARPS})
+                              options=exact_table.OPTIONS)
     return {"kernel": kernel.__name__, "dtype": dtype, "arch": arch, **summary(compiled)}
 
 

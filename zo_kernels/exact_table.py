@@ -23,7 +23,9 @@ from .noise_axpby import in_tile, load_tile, tile
 from .tensor_table import VECTOR_BYTES, device_of
 
 BLOCK = 4096  # a program's slots: 32 table chunks
-NUM_WARPS = 8
+# The kernels' compile options. Contraction is named, not left to the default (Triton 3.9
+# warns at the first launch that its default changes in 3.10); they have no multiply-add.
+OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -84,7 +86,7 @@ def fill_special_(params: Sequence[torch.Tensor], offsets: Sequence[int], code_b
 
 def _constants(ps, tt) -> dict:
     return dict(BIG=BIGS[ps[0].dtype], ALIGNED=tt.aligned, VEC=VECTOR_BYTES // ps[0].element_size(),
-                BLOCK=BLOCK, num_warps=NUM_WARPS)
+                BLOCK=BLOCK, **OPTIONS)
 
 
 def _check(code_base: int, t: torch.Tensor, name: str) -> None:

@@ -63,10 +63,10 @@ class Tiling(NamedTuple):
 # occupancy: 8192-slot programs of 8 warps, capped at 64 registers for four blocks an SM
 # (Triton 3.6 spills 16 bytes, 3.7 to 3.9 none; its seed loop, 7.7 SASS instructions an
 # element, is leaner than the CUDA kernel's 9.2, so bytes in flight are the gap). Gaussian
-# ones hold one half's Box-Muller at a time: 64 registers (16-bit) and 78-79 (float32),
+# ones hold one half's Box-Muller at a time: 58-62 registers (16-bit) and 79-80 (float32),
 # where one 4096-slot part took 115-121 (float32: two 256-thread blocks an SM become three;
 # 16-bit ones were capped at 80 for three, and spilled 120-128 bytes). Their lazy masks take
-# 6-8% fewer instructions on an interior tile's path than eager ones, at the same blocks an
+# 7-11% fewer instructions on an interior tile's path than eager ones, at the same blocks an
 # SM (eager: 58 and 74-75 registers; a thread's registers are allocated 8 at a time).
 TILINGS: dict[tuple[str, int], Tiling] = {
     ("gaussian", 4): Tiling(4096, 8, halves=2, lazy_masks=True),
@@ -390,34 +390,38 @@ def tile_part(base_ptr, origin, FIRST: tl.constexpr, WIDTH: tl.constexpr, ALIGNE
     start = ptr_origin + slot0
     if ALIGNED:
         start = tl.multiple_of(start, VEC)
-    # The tensor's slots relative to the part, clamped to it: 32-bit compares an element (64-bit
-    # ones took two instructions each, which ptxas put before the load of ptr_origin).
-    lo_in = tl.minimum(tl.maximum(lo - slot0, 0), SLOTS).to(tl.int32)
-    hi_in = tl.minimum(tl.maximum(hi - slot0, 0), SLOTS).to(tl.int32)
-    interior = (lo_in == 0) & (hi_in == SLOTS)  # no mask: vector loads and stores
-    return base_ptr + start + idx, (idx, lo_in, hi_in), interior, g_origin + slot0, hi - slot0
+    # The tensor's slots relative to the part (in_tile clamps them where it makes a mask).
+    lo_rel = lo - slot0
+    hi_rel = hi - slot0
+    interior = (lo_rel <= 0) & (hi_rel >= SLOTS)  # no mask: vector loads and stores
+    return base_ptr + start + idx, (idx, lo_rel, hi_rel), interior, g_origin + slot0, hi_rel
 
 
 @triton.jit
 def in_tile(slots, HERE: tl.constexpr = False):
     """Which slots hold the tensor's elements (``slots``: tile_part's). HERE: made where it is
     written, from bounds the compiler cannot move (_pinned), so that a masked branch keeps
-    its compares: LLVM hoisted them above the branch, onto the interior tiles' path (32
-    compares and their packing into bit registers, in 16-bit Rademacher passes)."""
-    idx, lo_in, hi_in = slots
+    its work: LLVM hoisted it above the branch, onto the interior tiles' path (in 16-bit
+    Rademacher passes 32 compares and their packing into bit registers; in Gaussian ones
+    the 64-bit clamps, 24 compares a thread)."""
+    idx, lo, hi = slots
     if HERE:
-        lo_in = _pinned(lo_in)
-        hi_in = _pinned(hi_in)
+        lo = _pinned(lo)
+        hi = _pinned(hi)
+    # Clamped to the part, the bounds fit 32 bits: one compare an element, where 64-bit
+    # compares took two.
+    lo_in = tl.minimum(tl.maximum(lo, 0), idx.numel).to(tl.int32)
+    hi_in = tl.minimum(tl.maximum(hi, 0), idx.numel).to(tl.int32)
     return (idx >= lo_in) & (idx < hi_in)
 
 
 @triton.jit
 def _pinned(v):
-    """The int32 v through an opaque move (PTX with side effects: never hoisted or merged)."""
+    """The int64 v through an opaque move (PTX with side effects: never hoisted or merged)."""
     if NO_INLINE_PTX:
         return v
     else:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+        return tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [v], dtype=tl.int64,
                                          is_pure=False, pack=1)
 
 

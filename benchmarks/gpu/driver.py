@@ -164,8 +164,8 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
 # warps, halves, maxnreg, lazy_masks, persistent), and the exact kernel's
 # (zo_kernels.exact.CONFIG: block, warps, halves). Each pair that differs in one setting
 # answers one question. Rademacher (the 16-bit pass at 69% of copy on 11-29 whatever the
-# tile, 32 to 64 bytes a thread, and the cap): the float32 default; bytes in flight in halves
-# (8192 x 8 x 2, the 16-bit default); lazy masks (6-25% fewer instructions on an interior
+# tile, 16 to 64 bytes a thread, and the cap): the float32 default; bytes in flight in halves
+# (8192 x 8 x 2, the 16-bit default); lazy masks (7-25% fewer instructions on an interior
 # tile's path, for two copies of the noise code; 16-bit at 64 registers spills 72 bytes on
 # Triton 3.6, 16 eager); a persistent grid (the CUDA kernel's shape, at 85%: 4096 x 8 capped
 # at 64, 11-29's 16-bit shape, compiles without spills either way). Gaussian: lazy (the
