@@ -245,6 +245,39 @@ def test_gpu_driver_sweep_under_the_interpreter(monkeypatch):
     assert (noise_axpby.TILINGS, exact.CONFIG) == before
 
 
+def test_gpu_driver_sweep_names_a_variant_that_leaves_wrong_bits(capsys):
+    """A swept variant whose run leaves other bits than the kind's reference is timed but
+    named WRONG BITS and is never the best: what keeps a broken kernel out of TILINGS. Here,
+    on the cpu backend, the wrong one's setting doubles eps (the reference must be made
+    outside a variant's setting, or the check passes whatever the variant does) and another
+    makes its pass twice."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from benchmarks.gpu import driver
+
+    def variants(params, dist):
+        right = lambda ps: workloads.make_pass("zo-opt[cpu]", ps, dist)
+
+        def twice(ps):
+            run = right(ps)
+            return lambda: (run(), run())
+        listed = [("right", 1, nullcontext(), right),
+                  ("eps x2", 1, mock.patch.object(workloads, "EPS", 2 * workloads.EPS), right),
+                  ("twice", 1, nullcontext(), twice)]
+        return (("plain pass", lambda ps: right(ps)(), listed),)
+
+    rows = driver._variant_rows("sweep", TINY, "cpu", 1, driver.Budget(600), ("float32",),
+                                variants)
+    assert [r["impl"] for r in rows] == ["zo-opt[triton] right",
+                                         "zo-opt[triton] eps x2 WRONG BITS",
+                                         "zo-opt[triton] twice WRONG BITS"] * 2
+    assert all(r["seconds"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert out.count("WRONG BITS: plain pass float32") == 4
+    assert out.count("best zo-opt[triton] right ") == 2
+
+
 def test_gpu_driver_dry_run_on_the_cpu(tmp_path):
     from benchmarks.gpu import driver
 

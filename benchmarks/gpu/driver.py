@@ -197,15 +197,17 @@ def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
 
     def variants(params, dist):
         key = (dist, params[0].element_size())
-        plain = [(_tiling_name(t), 1, mock.patch.dict(noise_axpby.TILINGS, {key: t}),
-                  lambda: workloads.make_pass("zo-opt[triton]", params, dist))
+        plain_pass = lambda ps: workloads.make_pass("zo-opt[triton]", ps, dist)
+        plain = [(_tiling_name(t), 1, mock.patch.dict(noise_axpby.TILINGS, {key: t}), plain_pass)
                  for t in [noise_axpby.Tiling(*c) for c in tilings[dist]]]
         # the exact runner reads CONFIG on its first pass
         cycle = [(_tiling_name(noise_axpby.Tiling(*c)), 3,
                   mock.patch.object(exact_kernels, "CONFIG", tuple(c)),
-                  lambda: workloads.make_pass_cycle("triton", params, dist, exact=True))
+                  lambda ps: workloads.make_pass_cycle("triton", ps, dist, exact=True))
                  for c in configs]
-        return (("plain pass", plain), ("exact 3-pass cycle", cycle))
+        # what each must leave: one pass at the default tiling; the start, after a cycle
+        return (("plain pass", lambda ps: plain_pass(ps)(), plain),
+                ("exact 3-pass cycle", lambda ps: None, cycle))
 
     return _variant_rows("sweep", size, device, reps, budget, dtypes, variants)
 
@@ -219,8 +221,11 @@ def _tiling_name(t) -> str:
 
 def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, variants) -> list[dict]:
     """Rows of the Triton variants that ``variants(params, distribution)`` lists per kind of
-    pass, as (name, passes timed, the setting in force while it is made and timed, make), on
-    ``size``'s parameters per dtype and distribution, each against a copy of the bytes."""
+    pass, as (kind, what one run of every variant must do to a copy of the parameters, and
+    the variants: (name, passes a run, the setting in force while it is made and timed,
+    make(params) -> one run)), on ``size``'s parameters per dtype and distribution, each
+    against a copy of the bytes. A variant whose run leaves other bits than that is timed
+    but named "WRONG BITS" and never the best: a sweep must not crown a wrong kernel."""
     label = size if isinstance(size, str) else size.name
     rows = []
     for dtype_name in dtypes:
@@ -229,7 +234,7 @@ def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, varian
         copy = workloads.median(workloads.time_fn(workloads.make_pass("copy", params), device,
                                                   warmup=3, reps=reps))
         for dist in SWEEP_DISTRIBUTIONS:
-            for kind, listed in variants(params, dist):
+            for kind, expect, listed in variants(params, dist):
                 timed = []
                 for name, passes, setting, make in listed:
                     row = dict(kind="pass", workload=f"{title} {label}: {kind}", dtype=dtype_name,
@@ -237,11 +242,20 @@ def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, varian
                     if not budget.left():
                         rows.append(dict(row, skipped="time budget spent"))
                         continue
+                    expected = [p.clone() for p in params]  # outside the variant's setting
+                    expect(expected)
                     with setting:
-                        t = workloads.median(workloads.time_fn(make(), device, warmup=3, reps=reps))
-                    timed.append(dict(row, seconds=t, gbps=passes * nbytes / t / 1e9,
-                                      pct_copy=passes * copy / t, sm_mhz=sm_clock_mhz(device)))
-                    rows.append(timed[-1])
+                        right = _leaves(make, params, expected)
+                        t = workloads.median(workloads.time_fn(make(params), device, warmup=3,
+                                                               reps=reps))
+                    rows.append(dict(row, seconds=t, gbps=passes * nbytes / t / 1e9,
+                                     pct_copy=passes * copy / t, sm_mhz=sm_clock_mhz(device)))
+                    if right:
+                        timed.append(rows[-1])
+                    else:
+                        rows[-1]["impl"] += " WRONG BITS"
+                        print(f"[driver] WRONG BITS: {kind} {dtype_name} {dist} {name}",
+                              flush=True)
                 if timed:
                     best = min(timed, key=lambda r: r["seconds"])
                     print(f"[driver] {title} {dtype_name} {dist} {kind}: best {best['impl']} "
@@ -249,6 +263,15 @@ def _variant_rows(title, size, device, reps: int, budget: Budget, dtypes, varian
         del params
         free(device)
     return rows
+
+
+def _leaves(make, params, expected) -> bool:
+    """Whether one run of ``make`` on a copy of ``params`` leaves the bits of ``expected``
+    (made from ``params`` as they are now: the timed runs before have moved them)."""
+    trial = [p.clone() for p in params]
+    make(trial)()
+    return all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+               for a, b in zip(trial, expected))
 
 
 def exact_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[dict]:
