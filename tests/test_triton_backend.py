@@ -313,7 +313,7 @@ def test_mask_modes_compile_for_sm90(compile_reports):
     assert len(lazy) == len(eager) == 12
     for r in lazy:
         e = eager[(r["dtype"], r["rademacher"], r["aligned"])]
-        assert r["lazy_masks"] and not e["lazy_masks"] and (r["paths"], e["paths"]) == (2, 1), r
+        assert r["lazy_masks"] and not e["lazy_masks"], r
         for report in (r, e):
             assert_compiled_code(report)
             if report["registers"] is not None and report["maxnreg"] is not None:
@@ -355,7 +355,8 @@ def test_aligned_tiles_make_no_philox_call_twice(compile_reports):
         if r["aligned"]:
             per_thread = r["block"] // (r["warps"] * 32)
             calls = r["halves"] if r["rademacher"] else per_thread // 4
-            assert 0 < r["philox_multiplies"] <= 20 * calls * r["paths"], r
+            copies = 2 if r["lazy_masks"] else 1  # of the noise code: lazy masks' two paths
+            assert 0 < r["philox_multiplies"] <= 20 * calls * copies, r
 
 
 # --- full size on a GPU --------------------------------------------------------------------

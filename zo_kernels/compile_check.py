@@ -73,17 +73,15 @@ MODES = {"lazy": {"lazy_masks": True}, "eager": {"lazy_masks": False},
 
 def report(dtype: str, rademacher: bool, aligned: bool, arch: int, **changes) -> dict:
     """The plain pass as launched, or with ``changes`` to its Tiling (MODES). A kernel with
-    lazy masks holds two copies of its noise code, an interior tile's and a masked one's:
-    ``paths``."""
+    lazy masks holds two copies of its noise code, an interior tile's and a masked one's."""
     tiling = plain_config(dtype, rademacher, aligned)._replace(**changes)
     compiled = triton.compile(source(dtype, rademacher, aligned, tiling),
                               target=GPUTarget("cuda", arch, 32), options=tiling.options())
-    facts = summary(compiled)
-    if aligned and not tiling.persistent:  # a persistent grid's tiles are all in its loop
-        facts.update(interior(compiled.asm["cubin"]))
+    # a persistent grid's tiles are all in its loop
+    facts = summary(compiled, interior_path=aligned and not tiling.persistent)
     per_part = tiling.block // (tiling.halves * tiling.warps * 32)  # elements a thread
     return {"dtype": dtype, "rademacher": rademacher, "aligned": aligned, "arch": arch,
-            **tiling._asdict(), "paths": 2 if tiling.lazy_masks else 1, **facts,
+            **tiling._asdict(), **facts,
             "loop_per_element": [round(n / per_part, 1)
                                  for n in facts["loop_instructions"] or []]}
 
@@ -95,12 +93,14 @@ SQRT_SEED = "rsqrt.approx.ftz.f32"
 PHILOX_MULTIPLY = re.compile(r"\bmul\.hi\.u32|\bmul\.wide\.u32\s[^;]*0x(?:D2511F53|CD9E8D57)", re.I)
 
 
-def summary(compiled) -> dict:
+def summary(compiled, interior_path: bool = False) -> dict:
     """What the PTX shows: approximate math (but the sqrt seeds, counted apart), fma
     instructions, global load/store widths, Philox's multiplies (20 a call, so they count the
-    calls a thread makes); and what ptxas reports: registers a thread and spill bytes (None
-    without a ptxas)."""
+    calls a thread makes); what ptxas reports: registers a thread and spill bytes (None
+    without a ptxas); and the SASS's loops, and with ``interior_path`` an interior tile's
+    path (an aligned plain pass's)."""
     ptx = compiled.asm["ptx"]
+    sass = _sass(compiled.asm["cubin"])
     approx = re.findall(r"\b\w+\.approx[\w.]*", ptx)
     return {"cubin_bytes": len(compiled.asm["cubin"]),
             "approx": sorted(set(a for a in approx if a != SQRT_SEED)),
@@ -110,7 +110,7 @@ def summary(compiled) -> dict:
             "loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
             "stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
             "philox_multiplies": len(PHILOX_MULTIPLY.findall(ptx)),
-            **registers(ptx), **loops(compiled.asm["cubin"])}
+            **registers(ptx), **loops(sass), **(interior(sass) if interior_path else {})}
 
 
 def _sass(cubin: bytes) -> tuple[list[str], dict[str, int]] | None:
@@ -136,10 +136,9 @@ def _nvdisasm() -> str | None:
     return str(bundled) if bundled.is_file() else shutil.which("nvdisasm")
 
 
-def loops(cubin: bytes) -> dict:
+def loops(sass) -> dict:
     """The SASS loops (the seed loops: a body a part): the instructions of each body and the
     calls in them (sqrt_rn's slow path was one a pair of normals). None without nvdisasm."""
-    sass = _sass(cubin)
     if sass is None:
         return {"loop_instructions": None, "loop_calls": None}
     code, labels = sass
@@ -148,11 +147,10 @@ def loops(cubin: bytes) -> dict:
             "loop_calls": sum(" CALL" in f" {i}" for b in bodies for i in b)}
 
 
-def interior(cubin: bytes) -> dict:
+def interior(sass) -> dict:
     """The path of an interior tile through an aligned plain pass (_interior_path): its SASS
     instructions, each loop once, and its compares outside the loops (a tile's bounds, and
     the element masks of a variant that makes them for every tile). None without nvdisasm."""
-    sass = _sass(cubin)
     if sass is None:
         return {"interior_instructions": None, "interior_compares": None}
     code, labels = sass

@@ -42,11 +42,12 @@ ESC = -128
 # 4096-element tiles ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread
 # block per SM. At 8 elements a thread the variants compile_check reports take 63-82
 # uncapped under Triton 3.7 (up to 121 under 3.6). Of the sweep's pairs
-# (benchmarks/gpu/driver.py --sweep-s, H200, 124M), 1024-element tiles of 4 warps ran the three-pass cycle 8-12% faster than 2048 x 8
-# in float32 and bfloat16, Gaussian and Rademacher, and fastest of all but in bfloat16
-# Rademacher (2048 x 4, 8% faster again). Not yet timed: 2048 x 4 in halves, 16 elements a
-# thread (twice the bytes in flight) at 75-80 registers where one 2048-slot part spills,
-# which the Rademacher passes may want as the plain ones did (their Gaussian variants spill).
+# (benchmarks/gpu/driver.py --sweep-s, H200, 124M), 1024-element tiles of 4 warps ran the
+# three-pass cycle 8-12% faster than 2048 x 8 in float32 and bfloat16, Gaussian and
+# Rademacher, and fastest of all but in bfloat16 Rademacher (2048 x 4, 8% faster again). Not
+# yet timed: 2048 x 4 in halves, 16 elements a thread (twice the bytes in flight) at 75-80
+# registers where one 2048-slot part spills, which the Rademacher passes may want as the
+# plain ones did (their Gaussian variants spill).
 CONFIG = (1024, 4, 1)
 # Passes that encode (the first, and the 2q - 1 middle ones of a step) launch capped at 80
 # registers: six 128-thread blocks an SM and no spills on Triton 3.6 to 3.9, where 3.6 took
