@@ -195,6 +195,21 @@ def test_bf16_ties_round_to_even_not_truncate():
     assert torch.equal(x.float().cpu(), want)
 
 
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_coefficients_give_the_references_signed_zeros(distribution, dtype):
+    """The sum of the directions starts from +0, as the reference's does: with coefficients 0
+    (a direction whose two losses are equal), a -0.0 weight comes out +0.0 wherever a
+    reference term is -0.0 too. Compared as bits, which torch.equal does not see."""
+    seeds, scales = [3, 2**64 - 9], [1.0, 0.0, -0.0]
+    params = [torch.tensor([-0.0, 0.0, 1.5] * 300, dtype=dtype, device=device_for_kernels())]
+    ref = reference_pass(params, seeds, scales, distribution)[0].to(dtype)
+    triton_pass(params, seeds, scales, distribution)
+    bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    assert torch.equal(params[0].view(bits).cpu(), ref.view(bits).cpu())
+    assert (ref.view(bits)[::3] == 0).all()  # the case: -0.0 weights that end as +0.0
+
+
 # --- the optimizer's passes ----------------------------------------------------------------
 
 @pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)

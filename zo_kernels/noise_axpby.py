@@ -493,37 +493,38 @@ def _tile_pass(tile, base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n
     PART: tl.constexpr = BLOCK // HALVES
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK, tile)
     part = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART, SPLIT)
-    ptrs, slots, interior, _, _ = part
-    x = load_tile(ptrs, slots, interior, LAZY_MASKS)
+    interior = part[2]
     if HALVES == 2:
         part2 = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED, VEC, PART, SPLIT)
-        ptrs2, slots2, interior2, _, _ = part2
-        x2 = load_tile(ptrs2, slots2, interior2, LAZY_MASKS)
+        interior2 = part2[2]
     else:  # one part: _finish never reads a second
-        part2, x2, interior2 = part, x, interior
+        part2, interior2 = part, interior
     if not LAZY_MASKS:
-        _finish(x, part, interior, x2, part2, interior2, seeds_ptr, scales_ptr, n_seeds,
-                RADEMACHER, WIDTH, SPLIT, PART, HALVES, False)
+        _finish(part, interior, part2, interior2, seeds_ptr, scales_ptr, n_seeds, RADEMACHER,
+                WIDTH, SPLIT, PART, HALVES, False)
     elif interior & interior2:
-        _finish(x, part, True, x2, part2, True, seeds_ptr, scales_ptr, n_seeds, RADEMACHER,
-                WIDTH, SPLIT, PART, HALVES, True)
+        _finish(part, True, part2, True, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
+                SPLIT, PART, HALVES, True)
     else:
-        _finish(x, part, False, x2, part2, False, seeds_ptr, scales_ptr, n_seeds, RADEMACHER,
-                WIDTH, SPLIT, PART, HALVES, True)
+        _finish(part, False, part2, False, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
+                SPLIT, PART, HALVES, True)
 
 
 @triton.jit
-def _finish(x, part, interior, x2, part2, interior2, seeds_ptr, scales_ptr, n_seeds,
+def _finish(part, interior, part2, interior2, seeds_ptr, scales_ptr, n_seeds,
             RADEMACHER: tl.constexpr, WIDTH: tl.constexpr, SPLIT: tl.constexpr,
             PART: tl.constexpr, HALVES: tl.constexpr, LAZY: tl.constexpr):
-    """The noise and the stores of the loaded parts (tile_part's values; the interiors may be
-    constexpr, for a path that knows them)."""
+    """The loads, the noise and the stores of the parts (tile_part's; the interiors may be
+    constexpr, for a path that knows them): every part's loads first."""
     ptrs, slots, _, g0, _ = part
     DT: tl.constexpr = ptrs.dtype.element_ty
+    x = load_tile(ptrs, slots, interior, LAZY)
+    if HALVES == 2:
+        ptrs2, slots2, _, g2, _ = part2
+        x2 = load_tile(ptrs2, slots2, interior2, LAZY)
     store_tile(ptrs, _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH, SPLIT,
                             PART, DT), slots, interior, LAZY)
     if HALVES == 2:
-        ptrs2, slots2, _, g2, _ = part2
         store_tile(ptrs2, _axpby(x2, g2, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
                                  SPLIT, PART, DT), slots2, interior2, LAZY)
 
@@ -533,15 +534,7 @@ def _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER: tl.constexpr,
            WIDTH: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr, DT: tl.constexpr):
     """alpha * x + (sum_i c_i z_i) rounded to DT, for the loaded slots x whose slot 0 has the
     global index g0: the reference's order of float32 roundings."""
-    # The sum starts from a zero made out of x (its sign bit) only so that it takes the load's
-    # layout, where each thread makes the noise of its own elements once; from a plain
-    # tl.zeros it gets a layout that spreads a row over threads that each redo the row's
-    # Philox. (+-0 + s == s exactly for s != 0; only the sign of an all-zero result can differ.)
-    if x.dtype == tl.float32:
-        bits = x.to(tl.uint32, bitcast=True)
-    else:
-        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-    acc = (bits & 0x80000000).to(tl.float32, bitcast=True)
+    acc = _zeros_like(x)
     if RADEMACHER:
         j = row_counters(g0 >> 7, SLOTS // 128, 1)
     else:
@@ -559,6 +552,19 @@ def _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER: tl.constexpr,
         else:
             acc += c * quad_tile(k0, k1, j, WIDTH, True, False)
     return _round_to(tl.load(scales_ptr) * x.to(tl.float32) + acc, DT)
+
+
+@triton.jit
+def _zeros_like(x):
+    """float32 zeros in x's layout, the sum's start: each thread then makes the noise of its
+    own elements once (compiled from a plain tl.zeros, the sum took a layout that spreads a
+    row over threads that each redo the row's Philox). An opaque move of 0 per element, which
+    ptxas makes a zeroed register: nothing computed from x, no x unpacked early."""
+    if NO_INLINE_PTX:  # the interpreter has no layouts; ROCm: the same values
+        return tl.zeros(x.shape, tl.float32)
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,f", [x.to(tl.float32)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
 
 
 # The interpreter (TRITON_INTERPRET=1 before triton's import) makes plain Python of the
