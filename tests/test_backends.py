@@ -251,3 +251,32 @@ def test_cpu_backend_narrower_isa_paths(isa):
     env = {**os.environ, "ZO_OPT_CPU_ISA": isa}
     run = subprocess.run([sys.executable, "-c", NARROW_ISA_CHECK], env=env, capture_output=True, text=True)
     assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr
+
+
+def test_seeds_out_of_range_are_refused_by_prepared_passes():
+    """Host seeds reach a Prepared pass unchecked no more: 2**64 would wrap to seed 0 and -1
+    to 2**64 - 1."""
+    plan = zo_opt.functional.Prepared([torch.zeros(4)])
+    for bad in (2**64, -1):
+        with pytest.raises(ValueError, match="seed"):
+            plan.noise_axpby_([bad], [1.0, 0.1])
+
+
+def test_update_takes_seeds_as_an_int64_tensor_of_uint64_bits():
+    """A capturable step's record holds its seeds as a tensor (uint64 bits as int64, so
+    seeds >= 2**63 are negative there): zo_update_ replays it as it is."""
+    seeds = [noise.direction_seed(3, 0, i) for i in range(3)]
+    assert any(s >= 2**63 for s in seeds)
+    bits = torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64)
+    a, b = [torch.zeros(300)], [torch.zeros(300)]
+    zo_update_(a, seeds, [0.5, -1.0, 0.25])
+    zo_update_(b, bits, [0.5, -1.0, 0.25])
+    assert torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="seed"):
+        zo_update_(b, torch.tensor([1.0]), [0.5])
+
+
+def test_rounding_seed_refuses_dtypes_it_cannot_store():
+    with pytest.raises(ValueError, match=r"params\[1\] is torch.float64"):
+        zo_update_([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], [1], [0.5],
+                   rounding_seed=2)

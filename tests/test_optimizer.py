@@ -436,6 +436,8 @@ def test_step_without_closure_is_a_clear_error():
     (dict(momentum=-0.5), "momentum"), (dict(distribution="cauchy"), "distribution"),
     (dict(estimator="backward"), "estimator"), (dict(backend="tpu"), "backend"),
     (dict(nonfinite="ignore"), "nonfinite"), (dict(seed=-3), "seed"),
+    (dict(eps=float("inf")), "eps"), (dict(eps=None), "eps"), (dict(eps="1e-3"), "eps"),
+    (dict(lr=None), "lr"), (dict(lr=float("inf")), "lr"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -471,3 +473,93 @@ def test_load_state_dict_from_another_optimizer_is_rejected():
     sgd = torch.optim.SGD([p], lr=0.1)
     with pytest.raises(ValueError, match="ZOOptimizer"):
         ZOOptimizer([p]).load_state_dict(sgd.state_dict())
+
+
+def test_a_refused_param_group_is_not_kept():
+    """add_param_group raises on a bad group and leaves the optimizer as it was: the group
+    must not stay behind for the next step to run (here with a negative lr)."""
+    a, b = torch.zeros(10), torch.zeros(10)
+    opt = ZOOptimizer([a], lr=0.1, q=2, seed=0)
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    with pytest.raises(ValueError, match="not contiguous"):
+        opt.add_param_group({"params": [torch.zeros(4, 4).t()]})
+    assert len(opt.param_groups) == 1
+    opt.step(lambda: (a - 1).square().sum() + (b - 1).square().sum())
+    assert torch.equal(b, torch.zeros(10))
+
+
+def test_params_sharing_memory_are_rejected():
+    """A tensor listed twice (torch.optim only warns within a group) or two overlapping views
+    would be moved twice a pass: z is then the sum of two directions, a replay on the model
+    moves it once, and exact mode no longer restores it. Views that do not overlap are fine."""
+    p = torch.randn(300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's duplicate warning
+        with pytest.raises(ValueError, match="param 1 of group 0 shares memory with param 0"):
+            ZOOptimizer([p, p])
+    base = torch.randn(256)
+    with pytest.raises(ValueError, match="shares memory"):
+        ZOOptimizer([base[:200], base[100:]])
+    opt = ZOOptimizer([base[:128]], seed=0)
+    with pytest.raises(ValueError, match="param 0 of group 1 shares memory"):
+        opt.add_param_group({"params": [base[64:192]]})
+    opt.add_param_group({"params": [base[128:]]})
+    opt.step(lambda: base.square().sum())
+
+
+def test_exact_and_rounding_refuse_params_they_cannot_store():
+    """The exact pass and the stochastically rounded store take float32/float16/bfloat16: a
+    float64 param among them is named at construction (it failed mid-step, with the 16-bit
+    params already displaced). A float64 group of its own is fine with stochastic rounding."""
+    d, h = torch.randn(300, dtype=torch.float64), torch.randn(300).bfloat16()
+    with pytest.raises(ValueError, match=r"param 1 of group 0 is torch.float64.*exact=False"):
+        ZOOptimizer([h, d], seed=0)
+    with pytest.raises(ValueError, match=r"param 0 of group 0 is torch.float64.*exact=False"):
+        ZOOptimizer([d], seed=0, exact=True)
+    with pytest.raises(ValueError, match="stochastic_rounding=False"):
+        ZOOptimizer([h, d], seed=0, exact=False)
+    opt = ZOOptimizer([{"params": [h]}, {"params": [d]}], lr=1e-3, seed=0, exact=False)
+    with pytest.raises(ValueError, match="param 0 of group 1 is torch.float64"):
+        ZOOptimizer([h], seed=0).add_param_group({"params": [torch.zeros(3, dtype=torch.float64)]})
+    h0 = h.clone()
+    opt.step(lambda: d.square().sum() + h.float().square().sum())
+    assert opt.stochastic_rounding and not torch.equal(h, h0)
+
+
+def test_stochastic_rounding_is_not_claimed_for_momentum():
+    """The momentum step stores theta - lr * buf round-to-nearest: the default leaves
+    stochastic rounding off there (and the record says so), and asking for it is an error."""
+    p = torch.randn(300).bfloat16()
+    opt = ZOOptimizer([p], lr=1e-3, q=1, seed=0, momentum=0.9)
+    opt.step(lambda: p.float().square().sum())
+    assert not opt.stochastic_rounding and opt.last_record.rounding_seed is None
+    with pytest.raises(ValueError, match="momentum"):
+        ZOOptimizer([p], momentum=0.9, stochastic_rounding=True)
+    opt = ZOOptimizer([p], lr=1e-3, seed=0)
+    with pytest.raises(ValueError, match="momentum"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=torch.float16)], "momentum": 0.5})
+    ZOOptimizer([p, torch.zeros(3)], seed=0).add_param_group({"params": [torch.zeros(3)],
+                                                             "momentum": 0.5})  # float32: fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_deep_copy_steps_like_the_original(dtype):
+    """copy.deepcopy of a model and its optimizer (torch.optim's __getstate__ keeps only the
+    groups and state, which lost q, the seed and the step) continues identically."""
+    import copy
+
+    p = torch.randn(300).to(dtype)
+    opt = ZOOptimizer([p], lr=1e-2, q=2, seed=7, momentum=0.0)
+    loss = lambda t: (lambda: t.float().square().sum())  # noqa: E731
+    opt.step(loss(p))
+    p2, opt2 = copy.deepcopy((p, opt))
+    opt.step(loss(p))
+    opt2.step(loss(p2))
+    assert torch.equal(p, p2) and opt2.step_count == 2 and opt2.param_groups[0]["params"][0] is p2
+
+
+def test_closure_may_return_a_numpy_scalar():
+    np = pytest.importorskip("numpy")
+    p = torch.zeros(3)
+    assert ZOOptimizer([p], seed=0).step(lambda: np.float32(1.5)).item() == 1.5

@@ -13,6 +13,7 @@ import torch
 from . import backends, exact, noise
 
 Scales = Sequence[float] | torch.Tensor
+Seeds = Sequence[int] | torch.Tensor  # a tensor: uint64 bits as int64 (seed_list)
 
 
 def check_params(params: Sequence[torch.Tensor], name: str = "params") -> list[torch.Tensor]:
@@ -41,6 +42,17 @@ def _scales_on(scales: Scales, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def seed_list(seeds: Seeds) -> list[int]:
+    """Seeds as checked Python ints; an integer tensor holds them as uint64 bits (a
+    capturable step's record: seeds from 2**63 up are negative there)."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
+            raise ValueError(f"Invalid seeds: a {seeds.dtype} tensor; seeds are integers in "
+                             "[0, 2**64 - 1] (or their uint64 bits as an int64 tensor)")
+        return [s & noise.MASK64 for s in seeds.reshape(-1).tolist()]
+    return [noise.check_seed(s) for s in seeds]
 
 
 def seeds_on(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -107,6 +119,8 @@ class Prepared:
         if len(scales) != len(seeds) + 1:
             raise ValueError(f"scales has {len(scales)} entries; expected 1 + len(seeds) = "
                              f"{len(seeds) + 1}")
+        if not isinstance(seeds, torch.Tensor):  # host ints: 2**64 would wrap to 0, -1 to 2**64-1
+            seeds = seed_list(seeds)
         for device, run in self.runners:
             run(seeds_on(seeds, device), _scales_on(scales, device), distribution)
 
@@ -117,6 +131,10 @@ class Prepared:
         """The exact pass of docs/EXACT.md (``seeds``/``scales`` on the params' device; with
         ``rounding`` the last seed is the rounding seed)."""
         if self._exact_runners is None:
+            for k, p in enumerate(self.params):
+                if p.dtype not in exact.DTYPES:
+                    raise ValueError(f"params[{k}] is {p.dtype}: exact passes and stochastic "
+                                     "rounding take float32, float16 and bfloat16 tensors")
             self._exact_runners = [b.prepare_exact(ps, os_) for b, _, ps, os_ in self.work]
         for run in self._exact_runners:
             run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)
@@ -137,7 +155,7 @@ class Prepared:
 
 
 @torch.no_grad()
-def noise_axpby_(params: Sequence[torch.Tensor], seeds: Sequence[int], scales: Scales, *,
+def noise_axpby_(params: Sequence[torch.Tensor], seeds: Seeds, scales: Scales, *,
                  distribution: str = "gaussian", backend: str = "auto",
                  offsets: Sequence[int] | None = None, base_offset: int = 0) -> None:
     """``params[k] = scales[0] * params[k] + sum_i scales[1+i] * z_k(seeds[i])``, in place.
@@ -147,7 +165,7 @@ def noise_axpby_(params: Sequence[torch.Tensor], seeds: Sequence[int], scales: S
     group's slice of the offsets of all its parameters). For many passes over the same list,
     :class:`Prepared` does the per-tensor work once.
     """
-    seeds = [noise.check_seed(s) for s in seeds]
+    seeds = seed_list(seeds)
     noise.check_distribution(distribution)
     Prepared(params, backend=backend, offsets=offsets, base_offset=base_offset,
              distribution=distribution).noise_axpby_(seeds, scales, distribution=distribution)
@@ -160,7 +178,7 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
                  base_offset=base_offset)
 
 
-def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Scales, *,
+def zo_update_(params: Sequence[torch.Tensor], seeds: Seeds, coeffs: Scales, *,
                distribution: str = "gaussian", backend: str = "auto", base_offset: int = 0,
                rounding_seed: int | None = None) -> None:
     """In place, ``params += sum_i coeffs[i] * z(seeds[i])``, in one pass over memory.
@@ -170,7 +188,7 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Sca
     ``rounding_seed`` (a record's) stores float16/bfloat16 results with that step's
     stochastic rounding (docs/EXACT.md) instead of round-to-nearest.
     """
-    seeds = list(seeds)
+    seeds = seed_list(seeds)
     if len(coeffs) != len(seeds):
         raise ValueError(f"coeffs has {len(coeffs)} entries for {len(seeds)} seeds")
     if not seeds:
@@ -184,7 +202,7 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Sca
         noise_axpby_(params, seeds, scales, distribution=distribution, backend=backend,
                      base_offset=base_offset)
         return
-    seeds = [noise.check_seed(s) for s in seeds] + [noise.check_seed(rounding_seed)]
+    seeds = seeds + [noise.check_seed(rounding_seed)]
     plan = Prepared(params, backend=backend, base_offset=base_offset, distribution=distribution,
                     exact=True)
     for device, _ in plan.runners:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import secrets
 import types
 from dataclasses import dataclass
@@ -49,6 +51,27 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _finite_eps(value) -> float:
+    """An infinite eps would leave theta at inf - inf = nan after the restore."""
+    if not isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(f"Invalid eps: {value!r}; it must be a finite float > 0")
+    return float(value)
+
+
+def _shared_memory(groups: list[dict]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Two (group, index) params whose memory overlaps, if any: the spans sorted by start
+    overlap somewhere only if two neighbours do. Params are contiguous (check_params)."""
+    spans = sorted((str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), g, k)
+                   for g, group in enumerate(groups) for k, p in enumerate(group["params"])
+                   if p.numel() and p.device.type != "meta")
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            return a[3:], b[3:]
+    return None
+
+
 def _takes_index(closure: Callable) -> bool:
     """A closure with a positional parameter receives the query index. A plain function
     answers from its code object, as ``inspect.signature`` would, in a twentieth of the time
@@ -78,7 +101,7 @@ def _as_loss(value) -> torch.Tensor:
             raise ValueError(f"the closure returned a tensor of shape {tuple(value.shape)}; "
                              "it must return the scalar loss")
         return value.detach().reshape(()).to(torch.float64)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         return torch.tensor(float(value), dtype=torch.float64)
     raise TypeError(f"the closure returned {type(value).__name__}; it must return the loss "
                     "(a scalar tensor or a float)")
@@ -190,8 +213,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                  exact: bool | None = None, stochastic_rounding: bool | None = None,
                  capturable: bool = False, process_group=None):
         self.q = _positive_int("q", q)
-        if not eps > 0:
-            raise ValueError(f"Invalid eps: {eps!r}; it must be > 0")
+        self.eps = _finite_eps(eps)
         if estimator not in ESTIMATORS:
             raise ValueError(f"Invalid estimator: {estimator!r}; choose one of {ESTIMATORS}")
         if nonfinite is None:
@@ -201,7 +223,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         if capturable and nonfinite != "skip_silent":
             raise ValueError(f"capturable=True needs nonfinite='skip_silent' (got {nonfinite!r}): "
                              "the other modes read the loss on the host, which a CUDA graph cannot")
-        self.eps = float(eps)
         self.distribution = noise.check_distribution(distribution)
         self.estimator = estimator
         self.backend = backends.check_name(backend)
@@ -221,6 +242,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._constants: dict[tuple, torch.Tensor] = {}
         self._prefetched = None  # (key, seeds, seeds by device) of the next step
         self._warnings = nonfinite_mod.DeferredWarnings()
+        self._built = False  # the groups' joint checks run once all are in (_check_storage)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults)
         if self.capturable:
@@ -232,25 +254,66 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._step_t = torch.zeros((), dtype=torch.int64, device=devices.pop())
         low = any(p.dtype in (torch.float16, torch.bfloat16) for p in self._params())
         self.exact = (low and not self.capturable) if exact is None else bool(exact)
-        self.stochastic_rounding = low if stochastic_rounding is None else bool(stochastic_rounding)
+        # the momentum step stores theta - lr * buf round-to-nearest: no default rounding there
+        rounds = low and not any(g["momentum"] for g in self.param_groups)
+        self.stochastic_rounding = rounds if stochastic_rounding is None else bool(stochastic_rounding)
         if self.capturable and self.exact:
             raise ValueError("capturable=True needs exact=False: the exact mode's side table "
                              "is sized on the host each step")
+        self._check_storage(0)
+        self._built = True
         self._codes: dict[int, torch.Tensor] = {}
         self._tables: dict[int, exact_mod.Table] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(self.param_groups[-1])
+            if self._built:
+                self._check_storage(len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()  # a refused group must not stay for the next step to run
+            raise
+
+    def _check_group(self, group: dict) -> None:
         for name in ("lr", "weight_decay", "momentum"):
             value = group[name]
-            if isinstance(value, torch.Tensor) or not value >= 0:
-                raise ValueError(f"Invalid {name}: {value!r}; it must be a float >= 0")
+            if not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"Invalid {name}: {value!r}; it must be a finite float >= 0")
         check_params(group["params"], name="params")
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"a param group holds params on several devices {sorted(map(str, devices))}; "
                              "put each device's params in its own group")
+
+    def _check_storage(self, first: int) -> None:
+        """Groups ``first`` on against exact and stochastic_rounding (run again when the
+        layout changes): the exact pass, and a rounded store over a group with 16-bit params,
+        take float32, float16 and bfloat16 only (another dtype failed mid-step, with the others
+        already displaced), and the momentum step has no rounded store. And no two params, in
+        any group, may share memory: a pass would move it twice (z the sum of two directions,
+        which a replay on the model does not apply, and exact mode does not restore)."""
+        shared = _shared_memory(self.param_groups)
+        if shared is not None:
+            (g0, k0), (g1, k1) = sorted(shared)
+            raise ValueError(f"param {k1} of group {g1} shares memory with param {k0} of group {g0} "
+                             "(the same tensor twice, or overlapping views): a pass would move it "
+                             "twice; pass each tensor once")
+        for g, group in enumerate(self.param_groups[first:], first):
+            low = any(p.dtype in (torch.float16, torch.bfloat16) for p in group["params"])
+            rounds = self.stochastic_rounding and low and not self.exact
+            for k, p in enumerate(group["params"]):
+                if (self.exact or rounds) and p.dtype not in exact_mod.DTYPES:
+                    fix = ("pass exact=False (the default with float16/bfloat16 params), or cast it"
+                           if self.exact else "pass stochastic_rounding=False, or put it in a "
+                           "group without float16/bfloat16 params")
+                    raise ValueError(f"param {k} of group {g} is {p.dtype}, which the "
+                                     f"{'exact' if self.exact else 'stochastic-rounding'} pass "
+                                     f"cannot store: {fix}")
+            if self.stochastic_rounding and low and group["momentum"]:
+                raise ValueError(f"group {g} has momentum={group['momentum']} and 16-bit params: "
+                                 "its step (theta -= lr * buf) has no stochastic rounding; pass "
+                                 "stochastic_rounding=False, or momentum=0 for that group")
 
     # -- the pass schedule -------------------------------------------------------------------
     # A displacement is (i, scale): theta sits at theta0 + scale * z(seeds[i]). Seeds and
@@ -279,6 +342,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         params = self._params()
         key = (tuple(len(g["params"]) for g in self.param_groups), Prepared.layout(params))
         if self._layout is None or self._layout[0] != key:
+            self._check_storage(0)  # a param cast by hand (p.data = p.data.double())
             offsets = noise.offsets([p.numel() for p in params])
             groups, start = [], 0
             for k, group in enumerate(self.param_groups):
@@ -520,6 +584,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         return mean
 
     # -- state ------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """All the optimizer for copy.deepcopy and pickle (torch.optim keeps only defaults,
+        state and groups, which loses q, eps, the seed and the step), less what is tied to
+        the params' storage or a device queue, which the copy makes again on its first step."""
+        state = dict(self.__dict__)
+        for transient in ("_step_groups", "_seeds", "_displacement", "_pass_index"):
+            state.pop(transient, None)
+        state.update(_plans={}, _layout=None, _constants={}, _prefetched=None, _codes={},
+                     _tables={}, _warnings=nonfinite_mod.DeferredWarnings())
+        return state
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
