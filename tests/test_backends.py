@@ -280,3 +280,13 @@ def test_rounding_seed_refuses_dtypes_it_cannot_store():
     with pytest.raises(ValueError, match=r"params\[1\] is torch.float64"):
         zo_update_([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], [1], [0.5],
                    rounding_seed=2)
+
+
+def test_cpu_backend_names_an_offset_it_cannot_take():
+    """The C++ backends take offsets that are multiples of 128 (noise.offsets' own); the
+    message names the tensor, its offset and the backends that take any."""
+    if "cpu" not in zo_opt.available_backends():
+        pytest.skip("the C++ extension is not built")
+    with pytest.raises(RuntimeError, match=r"tensor 0's offset is 1000; it must be a non-negative "
+                       r"multiple of 128.*torch and triton backends take any offset"):
+        perturb_([torch.zeros(10)], 1, 0.1, backend="cpu", base_offset=1000)

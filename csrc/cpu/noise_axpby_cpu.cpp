@@ -144,8 +144,10 @@ void noise_axpby_cpu(at::TensorList params, at::IntArrayRef offsets, at::IntArra
                     p.scalar_type() == at::kBFloat16,
                 "noise_axpby_: tensor ", k, " has dtype ", p.scalar_type(),
                 "; the cpu backend takes float32, float16 and bfloat16");
-    TORCH_CHECK(offsets[k] >= 0 && offsets[k] % zo::kAlign == 0, "noise_axpby_: offset ", k,
-                " must be a non-negative multiple of ", zo::kAlign);
+    TORCH_CHECK(offsets[k] >= 0 && offsets[k] % zo::kAlign == 0, "noise_axpby_: tensor ", k,
+                "'s offset is ", offsets[k], "; it must be a non-negative multiple of ", zo::kAlign,
+                " (as zo_opt.noise.offsets makes them, from a base_offset that is one too); "
+                "the torch and triton backends take any offset");
     for (int64_t start = 0; start < p.numel(); start += kChunk) chunks.push_back({int64_t(k), start});
   }
 

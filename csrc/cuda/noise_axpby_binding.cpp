@@ -56,8 +56,10 @@ std::vector<zo::cuda::TensorEntry> entries_of(at::TensorList params, at::IntArra
     const auto& p = params[k];
     TORCH_CHECK(p.device() == device && p.is_contiguous(), op, ": tensor ", k,
                 " must be a contiguous tensor on ", device, " (it is on ", p.device(), ")");
-    TORCH_CHECK(offsets[k] >= 0 && offsets[k] % zo::kAlign == 0, op, ": offset ", k,
-                " must be a non-negative multiple of ", zo::kAlign);
+    TORCH_CHECK(offsets[k] >= 0 && offsets[k] % zo::kAlign == 0, op, ": tensor ", k,
+                "'s offset is ", offsets[k], "; it must be a non-negative multiple of ", zo::kAlign,
+                " (as zo_opt.noise.offsets makes them, from a base_offset that is one too); "
+                "the torch and triton backends take any offset");
     void* data = p.data_ptr();
     const bool aligned = reinterpret_cast<uintptr_t>(data) % 16 == 0;
     entries.push_back({data, p.numel(), offsets[k], table_dtype(p.scalar_type(), k, op), aligned});
