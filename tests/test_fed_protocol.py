@@ -58,6 +58,8 @@ def test_reply_round_trips_through_the_wire_form():
     ("round", "2", "type str"),
     ("client-id", True, "type bool"),
     ("seeds", [1, 2], "type list"),
+    ("train-loss", [1.0], "type list"),  # was a TypeError, which the server does not catch: it died
+    ("train-loss", "1.5", "type str"),
 ])
 def test_malformed_wire_fields_raise_with_the_reason(field, value, reason):
     cfg = good_reply().to_config()
@@ -245,3 +247,30 @@ def test_run_config_round_trip_and_app_pyproject():
     assert conf["tool"]["flwr"]["app"]["config"]["out-dir"] == '/tmp/a "b"'
     ok, errors, _ = flwr_config.validate_config(conf, check_module=True)
     assert ok, errors
+
+
+@pytest.mark.parametrize("fault", ["1:2", "0:1:nun", "2:1:nan", "0:9:nan", "a:1:nan"])
+def test_a_bad_fault_flag_is_a_one_line_error_before_anything_starts(fault, capsys, monkeypatch):
+    """``--fault 1:2`` crashed (unpacking); an unknown kind, client or round did nothing, silently."""
+    from zo_opt.fed import run as fedrun
+
+    monkeypatch.setattr(fedrun, "run", lambda *a, **k: pytest.fail("started a federated run"))
+    with pytest.raises(SystemExit) as e:
+        fedrun.main(["--rounds", "3", "--num-clients", "2", "--fault", fault])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--fault" in err[-1] and repr(fault) in err[-1]
+
+
+@pytest.mark.parametrize("argv, flag", [(["--distribution", "normal"], "--distribution"), (["--q", "0"], "--q"),
+                                        (["--server-opt", "lion"], "--server-opt"), (["--lr", "-1"], "--lr"),
+                                        (["--model-size", "7B"], "--model-size"), (["--rounds", "0"], "--rounds")])
+def test_a_bad_setting_is_a_one_line_error_before_anything_starts(argv, flag, capsys, monkeypatch):
+    """A bad value failed in every client (each round's replies all rejected, nothing trained,
+    exit code 0) or killed the server, after the processes had started."""
+    from zo_opt.fed import run as fedrun
+
+    monkeypatch.setattr(fedrun, "run", lambda *a, **k: pytest.fail("started a federated run"))
+    with pytest.raises(SystemExit) as e:
+        fedrun.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"argument {flag} " in err[-1], err

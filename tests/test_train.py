@@ -385,3 +385,170 @@ def test_torchrun_rejects_a_batch_that_does_not_split(base, monkeypatch):
     monkeypatch.setattr(parallel, "setup", lambda device: (parallel.Ranks(0, 3), device))
     with pytest.raises(SystemExit, match="--batch_size: 2 does not split over 3 ranks"):
         main(base + ["--mode", "ZO", "--max_steps", "1"])
+
+
+# ------------------------------------------------------------------ resume edge cases
+def test_resume_from_an_older_checkpoint_keeps_the_one_it_writes(base):
+    """keep=1, resumed from step 1 while step 3 exists: the step 2 it writes is kept and found
+    (it was deleted as 'older' than step 3, and --resume then went back to the abandoned step 3)."""
+    run = main(base + ["--max_steps", "3", "--save_interval", "1", "--keep_checkpoints", "3", "--eval_interval", "0",
+                       "--no-plot"])
+    ck = run / "checkpoints"
+    main(["--resume", str(ck / "step_00000001"), "--max_steps", "2", "--keep_checkpoints", "1", "--no-progress"])
+    assert (ck / "step_00000002").is_dir() and not (ck / "step_00000001").exists()
+    assert ckpt_io.find_checkpoint(run).name == "step_00000002"
+
+
+def step_delta(a, b):
+    return torch.cat([(b[k] - a[k]).reshape(-1).double() for k in sorted(a)])
+
+
+@pytest.mark.parametrize("mode, opt", [("ZO", "sgd"), ("FO", "adam")])
+def test_learning_rate_given_again_on_resume_applies(base, tmp_path, mode, opt):
+    """Loading the optimizer state restored the saved lr: --learning_rate on a resume was
+    ignored (the CSV logged it). Step 2 from the same step-1 checkpoint scales with lr."""
+    import shutil
+
+    run = main(base + ["--mode", mode, "--optimizer", opt, "--max_steps", "1", "--eval_interval", "0", "--no-plot",
+                       "--learning_rate", "1e-4"])
+    start = params_of(run)
+    deltas = {}
+    for lr in ("1e-4", "1e-2"):
+        copy = tmp_path / "runs" / f"lr{lr}"
+        shutil.copytree(run, copy)
+        main(["--resume", str(copy), "--run_name", copy.name, "--max_steps", "2", "--learning_rate", lr,
+              "--no-progress"])
+        deltas[lr] = step_delta(start, params_of(copy))
+        assert rows(copy)[-1]["lr"] == str(float(lr))
+    small, big = deltas["1e-4"], deltas["1e-2"]  # float32 weights: compare up to their rounding
+    assert big.norm() / small.norm() == pytest.approx(100, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(small, big, dim=0) > 0.999
+
+
+def test_flags_derived_on_the_first_run_follow_their_source_on_resume(base, tmp_path):
+    """--epochs 3 on a resume extends the run (max_steps was saved resolved and pinned it);
+    --batch_size 4 carries the BP batch with it, as in a fresh run."""
+    run = main(base + ["--eval_interval", "0", "--save_interval", "0", "--no-plot"])
+    one = int(rows(run)[-1]["step"])
+    main(["--resume", str(run), "--epochs", "3", "--batch_size", "4", "--no-progress"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["max_steps"] > one and int(rows(run)[-1]["step"]) == cfg["max_steps"]
+    assert cfg["bp_batch_size"] == cfg["zo_query_batch_size"] == 4
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--mode", "FO"], "--mode"), (["--scope", "reduced"], "--scope"), (["--optimizer", "adam"], "--optimizer"),
+    (["--seed", "5"], "--seed"), (["--max_steps", "1"], "--max_steps"),
+])
+def test_resume_with_flags_its_checkpoint_cannot_honour_one_line_error(base, argv, flag, capsys):
+    """Another mode/scope/optimizer crashed in load_state_dict with a traceback; a --max_steps
+    before the checkpoint's step silently did nothing and wrote a summary of fewer steps."""
+    run = main(base + ["--max_steps", "2", "--eval_interval", "0", "--no-plot"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--resume", str(run)] + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err, err
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("a.jsonl", b'{"text": "fine"}\n{not json\n', "a.jsonl:2: not a line of UTF-8 JSON"),
+    ("a.jsonl", b'{"text": "caf\xe9"}\n', "a.jsonl:1: not a line of UTF-8 JSON"),
+    ("a.jsonl", b'"a string with text in it"\n', "a.jsonl:1: expected a JSON object"),
+    ("a.jsonl", b'[{"text": "x"}]\n', "a.jsonl:1: expected a JSON object"),
+    ("a.jsonl", b'{"text": null}\n{"text": 5}\n', "of type int, not a string"),
+    ("a.parquet", b"", "a.parquet: not a readable Parquet file"),
+])
+def test_malformed_local_data_is_a_one_line_error(tmp_path, name, content, reason):
+    """Each crashed with a traceback (JSONDecodeError, UnicodeDecodeError, TypeError, ArrowInvalid)."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.DataError, match=reason):
+        data.read_documents(str(tmp_path))
+
+
+def test_jsonl_with_a_utf8_bom_reads(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9 \xf0\x9f\x9a\x80"}\n{"text": "two"}\n')
+    assert data.read_documents(str(tmp_path)) == ["caf\u00e9 \U0001f680", "two"]
+
+
+def test_flags_this_machine_or_model_cannot_honour_one_line_error(tiny_model, tmp_path, capsys):
+    """Each failed with a traceback after the data was read (model.to, the optimizer, the
+    first forward's position embedding, from_pretrained)."""
+    import zo_opt
+
+    cases = [(["--model_name_or_path", str(tiny_model), "--block_size", "65"], "--block_size"),
+             (["--block_size", "513"], "--block_size"),  # 20M: context 512
+             (["--model_name_or_path", str(tmp_path)], "--model_name_or_path"),
+             (["--device", "cuda:x"], "--device")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device"))
+    cases += [(["--backend", b], "--backend") for b in zo_opt.unavailable_backends()]
+    for argv, flag in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err, (argv, err)
+    assert cli.parse_args(["--model_name_or_path", str(tiny_model), "--block_size", "64"]).block_size == 64
+
+
+def test_resume_needs_only_the_checkpoint(base, tiny_model, tmp_path):
+    """The model comes from the checkpoint: the folder the run started from may be gone."""
+    import shutil
+
+    model = tmp_path / "moved_model"
+    shutil.copytree(tiny_model, model)
+    args = [a if a != str(tiny_model) else str(model) for a in base]
+    run = main(args + ["--max_steps", "1", "--eval_interval", "0", "--no-plot"])
+    shutil.rmtree(model)
+    main(["--resume", str(run), "--max_steps", "2", "--no-progress"])
+    assert rows(run)[-1]["step"] == "2"
+
+
+def test_plot_labels_run_csv_files_by_their_folder(tmp_path):
+    """zo-plot runs/A/metrics.csv runs/B/metrics.csv labelled both lines "metrics"."""
+    from zo_opt import plot
+
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text("step,loss\n1,2.0\n")
+    (tmp_path / "other.csv").write_text("step,loss\n1,2.0\n")
+    labels = [plot.read_run(p)[0] for p in (tmp_path / "A" / "metrics.csv", tmp_path / "B", tmp_path / "other.csv")]
+    assert labels == ["A", "B", "other"]
+
+
+def test_a_fresh_run_does_not_erase_the_rows_of_a_named_csv_file(base, tmp_path, capsys):
+    """Two runs with one --csv_file (the old script's sweeps): the second rewrote the file and
+    the first run's rows were gone."""
+    shared = tmp_path / "sweep.csv"
+    common = base + ["--max_steps", "1", "--eval_interval", "0", "--disable_checkpoint", "--no-plot",
+                     "--csv_file", str(shared)]
+    main(common + ["--run_name", "q1"])
+    before = shared.read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--run_name", "q2", "--q", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--csv_file" in err, err
+    assert shared.read_text() == before
+
+
+@pytest.mark.parametrize("flag", ["--eval_dataset", "--bp_dataset"])
+def test_a_bad_second_dataset_is_named_by_its_flag(base, tmp_path, flag):
+    """The message said --dataset, which was fine, for a typo in --eval_dataset or --bp_dataset."""
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--mode", "Calibrate", flag, str(tmp_path / "typo"), "--max_steps", "1", "--no-plot"])
+    msg = str(e.value.code)
+    assert msg.startswith(f"zo-train: error: {flag} ") and "no such file or folder" in msg, msg
+
+
+def test_resume_after_a_row_cut_short_mid_write(base):
+    """A kill while a CSV row was being written left half a row; the resume crashed on it."""
+    run = main(base + ["--max_steps", "2", "--eval_interval", "0", "--no-plot", "--save_interval", "1",
+                       "--keep_checkpoints", "2"])
+    first = rows(run)[0]
+    with open(run / "metrics.csv", "a") as f:
+        f.write((run / "metrics.csv").read_text().splitlines()[-1][:25])  # a third row, torn after its epoch
+    main(["--resume", str(run / "checkpoints" / "step_00000001"), "--max_steps", "2", "--no-progress"])
+    r = rows(run)
+    assert [x["step"] for x in r] == ["1", "2"] and r[0] == first and all(None not in x.values() for x in r)

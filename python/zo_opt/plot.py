@@ -25,7 +25,8 @@ def read_run(path) -> tuple[str, list[dict]]:
         raise FileNotFoundError(f"{path}: no metrics.csv")
     with open(f, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    label = path.stem if path.is_file() else path.name
+    # Every run's CSV is metrics.csv: label a run's file by its folder, or each is "metrics".
+    label = (path.parent.name if path.name == "metrics.csv" else path.stem) if path.is_file() else path.name
     return label, rows
 
 

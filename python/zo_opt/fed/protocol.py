@@ -119,7 +119,7 @@ class TrainReply:
                    q=get("q", int), lr=float(get("lr", (int, float))), eps=float(get("eps", (int, float))),
                    distribution=get("distribution", str), seeds=seeds_from_bytes(get("seeds", bytes)),
                    grads=floats_from_bytes(get("grads", bytes)),
-                   train_loss=float(cfg.get("train-loss", float("nan"))))
+                   train_loss=float(get("train-loss", (int, float)) if "train-loss" in cfg else math.nan))
 
 
 # ------------------------------------------------------------------ validation

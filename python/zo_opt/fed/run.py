@@ -32,6 +32,7 @@ from .app import write_app_dir
 from .task import FedConfig
 
 CONNECTION = "loopback"
+FAULTS = ("nan", "stale", "seeds", "short")  # client_app._inject_fault's kinds
 
 
 def free_port() -> int:
@@ -245,9 +246,18 @@ def main(argv=None) -> int:
                     help="make a client send a malformed reply (nan, stale, seeds, short), to see it rejected")
     args = vars(ap.parse_args(argv))
     workdir, timeout, faults = args.pop("workdir"), args.pop("timeout"), args.pop("fault")
+    try:
+        FedConfig(**args).check()
+    except ValueError as e:
+        ap.error(f"argument {e}")
     node_config = {}
-    for f in faults:
-        c, r, kind = f.split(":")
+    for f in faults:  # a typo here crashed (unpacking) or, as an unknown kind, silently did nothing
+        parts = f.split(":")
+        c, r, kind = parts if len(parts) == 3 else ("", "", "")
+        if not (c.isdigit() and int(c) < args["num_clients"] and r.isdigit() and 1 <= int(r) <= args["rounds"]
+                and kind in FAULTS):
+            ap.error(f"argument --fault: expected CLIENT:ROUND:KIND with CLIENT < --num-clients, ROUND in "
+                     f"1..--rounds and KIND one of {', '.join(FAULTS)}; got {f!r}")
         node_config[int(c)] = {"fault": f"{r}:{kind}"}
     if not args["out_dir"]:
         args["out_dir"] = str(Path(workdir or ".").resolve() / "fed_out") if workdir else tempfile.mkdtemp(prefix="zo_fed_out_")

@@ -55,6 +55,31 @@ class FedConfig:
                 kwargs[name] = type(f.default)(run_config[key])
         return cls(**kwargs)
 
+    def check(self) -> None:
+        """Raises ValueError naming the first setting out of range, as its ``--flag``. Without it a
+        bad value failed inside every client each round: all replies rejected, nothing trained,
+        and the run still ended with exit code 0."""
+        from ..backends import NAMES
+        from ..noise import DISTRIBUTIONS
+        from ..train.model import CONFIGS
+
+        def bad(name, why):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+
+        for name in ("rounds", "num_clients", "local_steps", "q", "batch_size", "lr", "eps", "server_lr",
+                     "round_timeout"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be > 0")
+        for name in ("max_samples", "eval_blocks", "threads", "max_abs_grad", "base_seed", "init_seed"):
+            if not getattr(self, name) >= 0:
+                bad(name, "must be >= 0")
+        if self.block_size < 2:
+            bad("block_size", "must be >= 2")
+        for name, choices in (("distribution", DISTRIBUTIONS), ("server_opt", protocol.SERVER_OPTS),
+                              ("backend", NAMES), ("model_size", tuple(CONFIGS))):
+            if getattr(self, name) not in choices:
+                bad(name, f"choose one of {', '.join(choices)}")
+
     def server_opt_spec(self) -> protocol.ServerOpt:
         return protocol.ServerOpt(self.server_opt, self.server_lr, self.adam_beta1, self.adam_beta2,
                                   self.adam_tau)

@@ -66,7 +66,10 @@ def save_checkpoint(ckpt_dir, step: int, model, tokenizer, state: dict, config: 
     pointer = ckpt_dir / f".latest.tmp{os.getpid()}"
     pointer.write_text(final.name)
     os.replace(pointer, ckpt_dir / "latest")
-    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / MARK).exists())
+    # Retention counts back from this step: checkpoints past it are another trajectory's (a
+    # resume from an older one, or an earlier run of the same name), and ranking them as newer
+    # would delete the checkpoint just written while ``latest`` names it.
+    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / MARK).exists() and p.name <= final.name)
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_dir.glob(".tmp-*"):

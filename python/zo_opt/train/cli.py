@@ -7,7 +7,8 @@ The old command works with only the script name changed::
 
 Bad values stop with one line that names the flag. Boolean flags take ``--flag`` and
 ``--no-flag``. ``--resume CKPT`` loads the run's saved config as the defaults, so flags given
-again on the command line override it (``--max_steps 600`` to extend a run).
+again on the command line override it (``--max_steps 600`` to extend a run), except those the
+checkpoint is made of (``FIXED_ON_RESUME``: mode, scope, optimizer, model, seed), which must match.
 """
 from __future__ import annotations
 
@@ -169,21 +170,76 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
         args = parser.parse_args(argv)
         args.resume = str(ckpt)
+        check_resume(parser, args, saved)
     check(parser, args)
     return args
+
+
+# Saved as resolved values (resolved(), train()): given again only through their source, they
+# follow it as in a fresh run (--epochs 2 recomputes max_steps); saved, they would pin it.
+DERIVED = {"max_steps": "epochs", "zo_query_batch_size": "batch_size", "bp_batch_size": "batch_size",
+           "bp_learning_rate": "learning_rate"}
+# What the checkpoint's model and optimizer state are made of: another value cannot load it.
+FIXED_ON_RESUME = ("mode", "scope", "optimizer", "model_size", "model_name_or_path", "seed")
+
+
+def check_resume(parser, args, saved: dict):
+    """Flags given again on a resume: derived values follow their source, fixed ones must match."""
+    for flag in FIXED_ON_RESUME:
+        if flag in saved and getattr(args, flag) != saved[flag]:
+            was = "it unset" if saved[flag] is None else f"--{flag} {saved[flag]}"
+            parser.error(f"argument --{flag}: the checkpoint {args.resume} was saved with {was}; resume with "
+                         "that, or start a new run from its weights with --model_name_or_path CHECKPOINT")
+    for derived, source in DERIVED.items():
+        pinned = derived == "max_steps" or saved.get(derived) == saved.get(source)
+        if getattr(args, source) != saved.get(source) and getattr(args, derived) == saved.get(derived) and pinned:
+            setattr(args, derived, None)
+    from .checkpoint import MARK
+
+    step = json.loads((Path(args.resume) / MARK).read_text())["step"]
+    if args.max_steps is not None and args.max_steps < step:
+        parser.error(f"argument --max_steps: {args.max_steps} is before the checkpoint's step {step}; "
+                     f"pass --max_steps {step} or more")
 
 
 def check(parser, args):
     """Cross-flag checks, each a one-line error naming the flag."""
     if args.bp_dataset and args.split_dataset_for_bp_zo:
         parser.error("argument --split_dataset_for_bp_zo: cannot be combined with --bp_dataset")
-    if args.model_name_or_path and not Path(args.model_name_or_path).is_dir():
-        parser.error(f"argument --model_name_or_path: no such folder: {args.model_name_or_path} "
-                     "(only local checkpoints; the hub is not used)")
+    # A resume loads the checkpoint's model: the folder it started from need not exist any more.
+    model_dir = args.resume or args.model_name_or_path
+    if args.model_name_or_path and not args.resume:
+        if not Path(model_dir).is_dir():
+            parser.error(f"argument --model_name_or_path: no such folder: {model_dir} "
+                         "(only local checkpoints; the hub is not used)")
+        if not (Path(model_dir) / "config.json").is_file():
+            parser.error(f"argument --model_name_or_path: {model_dir} has no config.json "
+                         "(expected a Hugging Face GPT-2 folder, as save_pretrained writes)")
+    from .model import CONFIGS
+
+    context = (json.loads((Path(model_dir) / "config.json").read_text()).get("n_positions") if model_dir
+               else CONFIGS[args.model_size][3])
+    if context and args.block_size > context:  # else an IndexError in the first forward, after the data
+        parser.error(f"argument --block_size: {args.block_size} is longer than the model's context of "
+                     f"{context} tokens; use --block_size {context} or less")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
         parser.error(f"argument --device: expected auto, cpu or cuda[:N], got {args.device!r}")
+    if args.device.startswith("cuda"):
+        check_cuda(parser, args.device)
     if args.backend not in ("auto", "torch", "cpu", "triton", "cuda"):
         parser.error(f"argument --backend: invalid choice {args.backend!r} (auto, torch, cpu, triton, cuda)")
+    if args.backend != "auto":
+        from ..backends import check_name
+
+        try:  # an unavailable backend failed later, in the optimizer, with a traceback
+            check_name(args.backend)
+        except ValueError as e:
+            parser.error(f"argument --backend: {e}")
+    if args.csv_file and not args.resume and _has_rows(Path(args.csv_file)):
+        # A fresh run starts its CSV with the header: it would erase the rows of the run (or, as
+        # the old script's sweeps used it, the runs) already in this file.
+        parser.error(f"argument --csv_file: {args.csv_file} already holds rows of another run; name a new "
+                     "file, or delete that one (--resume continues the run that wrote it)")
     if args.estimator == "forward" and not args.zo_share_data_across_queries:
         parser.error("argument --estimator: forward differences need --zo_share_data_across_queries "
                      "(one unperturbed loss for all queries)")
@@ -194,6 +250,28 @@ def check(parser, args):
         parser.error("argument --momentum: only for --optimizer sgd (adam and mudamw keep their own moments)")
     if args.estimator == "forward" and args.mode == "Instruct":
         parser.error("argument --estimator: Instruct uses central differences only")
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether a CSV has a line past its header."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip()) > 1
+
+
+def check_cuda(parser, device: str):
+    """--device cuda[:N] on a machine without that GPU failed in model.to() with a traceback."""
+    import torch
+
+    index = device.partition(":")[2]
+    if index and not index.isdigit():
+        parser.error(f"argument --device: expected auto, cpu or cuda[:N], got {device!r}")
+    if not torch.cuda.is_available():
+        parser.error(f"argument --device: {device} requested but torch sees no CUDA device; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        parser.error(f"argument --device: {device} requested but there are {torch.cuda.device_count()} CUDA "
+                     f"devices (cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
 def resolved(args) -> dict:

@@ -121,6 +121,8 @@ def _kjv_documents(max_samples):
 
 
 def _text_of(record: dict, field, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with a text field, got {type(record).__name__}")
     if field:
         if field not in record:
             raise DataError(f"{where}: no field {field!r} (fields: {', '.join(record)})")
@@ -137,14 +139,23 @@ def _file_documents(path: Path, field):
     if path.suffix == ".txt":
         yield path.read_text(encoding="utf-8", errors="replace")
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield _text_of(json.loads(line), field, f"{path}:{n}")
+        with open(path, "rb") as f:  # bytes: a bad line is named by its number, not a traceback
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM from Windows editors
+                    record = json.loads(line) if line.strip() else None
+                except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both
+                    raise DataError(f"{path}:{n}: not a line of UTF-8 JSON ({e})") from None
+                if record is not None:
+                    yield _text_of(record, field, f"{path}:{n}")
     elif path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (OSError, pyarrow.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
         names = table.column_names
         col = field or ("text" if "text" in names else next(
             (n for n in names if str(table.schema.field(n).type) in ("string", "large_string")), None))
@@ -232,6 +243,10 @@ def read_documents(spec: str, field=None, max_samples=None) -> list[str]:
                     break
             if max_samples and len(docs) >= max_samples:
                 break
+    for d in docs:  # a null is an empty document; a number or a list is the wrong field
+        if d is not None and not isinstance(d, str):
+            raise DataError(f"--dataset {spec!r}: a document's text is of type {type(d).__name__}, not a string "
+                            f"({str(d)[:40]!r}); name the text field with --text_field")
     docs = [d for d in docs if d and d.strip()]
     if not docs:
         raise DataError(f"--dataset {spec!r}: no non-empty documents")

@@ -94,7 +94,19 @@ def truncate_csv(path: Path, last_step: int):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
-        w.writerows(r for r in rows if int(r["step"]) <= last_step)
+        # A row cut short by a kill mid-write lacks fields (DictReader fills None): it is past the
+        # checkpoint anyway, and int() of its missing step crashed the resume.
+        w.writerows(r for r in rows if None not in r.values() and int(r["step"]) <= last_step)
+
+
+def load_keeping_flags(opt, state: dict):
+    """``opt.load_state_dict(state)`` without its saved lr/momentum/weight_decay: torch's
+    restores the param groups' hyperparameters, so ``--learning_rate`` given again on a resume
+    was silently ignored (while the CSV logged it). This command line's values win."""
+    flags = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, f in zip(opt.param_groups, flags):
+        g.update(f)
 
 
 @torch.no_grad()
@@ -149,13 +161,17 @@ def train(args) -> Path:
 
     # ---- data: train blocks, held-out validation blocks, BP/ZO streams
     tokenizer = load_tokenizer(cfg["cache_dir"])
-    blocks = lambda spec: load_blocks(spec, block_size=cfg["block_size"], max_samples=cfg["max_samples"],  # noqa: E731
-                                      val_fraction=cfg["val_fraction"], text_field=cfg["text_field"],
-                                      cache_dir=cfg["cache_dir"], tokenizer=tokenizer, log=log)
+    def blocks(spec, flag="--dataset"):
+        try:
+            return load_blocks(spec, block_size=cfg["block_size"], max_samples=cfg["max_samples"],
+                               val_fraction=cfg["val_fraction"], text_field=cfg["text_field"],
+                               cache_dir=cfg["cache_dir"], tokenizer=tokenizer, log=log)
+        except DataError as e:  # data.py names --dataset; a bad --eval_dataset must be named as such
+            raise DataError(str(e).replace("--dataset ", f"{flag} ", 1)) from None
     data = blocks(cfg["dataset"])
     train_blocks, val_blocks = data["train"], data["val"]
     if cfg["eval_dataset"] and cfg["eval_dataset"] != cfg["dataset"]:
-        other = blocks(cfg["eval_dataset"])
+        other = blocks(cfg["eval_dataset"], "--eval_dataset")
         val_blocks = torch.cat([other["train"], other["val"]])  # never trained on
     val_blocks = val_blocks[: cfg["eval_blocks"]]
     zo_blocks = bp_blocks = train_blocks
@@ -163,7 +179,7 @@ def train(args) -> Path:
         half = len(train_blocks) // 2
         bp_blocks, zo_blocks = train_blocks[:half], train_blocks[half:]
     if cfg["bp_dataset"]:
-        bp_blocks = blocks(cfg["bp_dataset"])["train"]
+        bp_blocks = blocks(cfg["bp_dataset"], "--bp_dataset")["train"]
     share = cfg["zo_share_data_across_queries"]
     if mode == "FO":
         bp_stream = BatchStream(train_blocks, cfg["batch_size"], cfg["seed"], "fo")
@@ -227,9 +243,9 @@ def train(args) -> Path:
         state = ckpt_io.load_state(resume)
         start, counters = state["step"], state["counters"]
         if zo is not None:
-            zo.load_state_dict(state["zo"])
+            load_keeping_flags(zo, state["zo"])
         if torch_opt is not None:
-            torch_opt.load_state_dict(state["torch_opt"])
+            load_keeping_flags(torch_opt, state["torch_opt"])
         if instruct is not None:
             instruct.load_state_dict(state["instruct"])
         torch.set_rng_state(state["rng_cpu"])
