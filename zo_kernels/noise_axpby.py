@@ -57,22 +57,20 @@ class Tiling(NamedTuple):
 # 3.6 and 3.7) and H200 timings (benchmarks/gpu/driver.py --sweep-s; results of 2026-11-29).
 # float32 Rademacher passes, bound by memory, capped at 80 fit three 256-thread blocks an SM
 # where they took 99 registers (two), no spills on Triton 3.6 to 3.9: 88% of copy. The other
-# kinds run in two halves, chosen from the compiled code and not yet timed as they stand
-# (benchmarks/gpu/NOTES.md). 16-bit Rademacher ones, at 69% of copy with 32 bytes a thread
-# whatever the cap (48 to 80), now take the CUDA kernel's 64 bytes a thread (85%) at its
-# occupancy: 8192-slot programs of 8 warps, capped at 64 registers for four blocks an SM
-# (Triton 3.6 spills 16 bytes, 3.7 to 3.9 none; its seed loop, 7.7 SASS instructions an
-# element, is leaner than the CUDA kernel's 9.2, so bytes in flight are the gap). Gaussian
-# ones hold one half's Box-Muller at a time: 58-62 registers (16-bit) and 79-80 (float32),
-# where one 4096-slot part took 115-121 (float32: two 256-thread blocks an SM become three;
-# 16-bit ones were capped at 80 for three, and spilled 120-128 bytes). Their lazy masks take
-# 7-11% fewer instructions on an interior tile's path than eager ones, at the same blocks an
-# SM (eager: 58 and 74-75 registers; a thread's registers are allocated 8 at a time).
+# kinds run in two halves with lazy masks, chosen from the compiled code and not yet timed as
+# they stand (benchmarks/gpu/NOTES.md). 16-bit Rademacher ones, at 69% of copy with 32 bytes
+# a thread whatever the cap (48 to 80), take the CUDA kernel's 64 bytes a thread (85%):
+# 8192-slot programs of 8 warps, an interior tile's path 14.5 SASS instructions an element
+# (eager masks: 21-23), capped at 80 registers, which no Triton from 3.6 to 3.9 spills (at
+# 64, four blocks an SM, 3.6 spills 52 bytes). Gaussian ones hold one half's Box-Muller at a
+# time: 62-64 registers (16-bit; float32 62 on 3.7, 80 on 3.6), four blocks an SM, where one
+# 4096-slot part took 115-121, and their lazy masks take 11-13% fewer instructions on an
+# interior tile's path than eager ones (a thread's registers are allocated 8 at a time).
 TILINGS: dict[tuple[str, int], Tiling] = {
     ("gaussian", 4): Tiling(4096, 8, halves=2, lazy_masks=True),
     ("gaussian", 2): Tiling(4096, 8, halves=2, lazy_masks=True),
     ("rademacher", 4): Tiling(4096, 8, maxnreg=80),
-    ("rademacher", 2): Tiling(8192, 8, halves=2, maxnreg=64),
+    ("rademacher", 2): Tiling(8192, 8, halves=2, maxnreg=80, lazy_masks=True),
 }
 # A capped variant may spill up to this many bytes a thread (tests/test_triton_backend.py).
 CAP_SPILL_BYTES = 128
