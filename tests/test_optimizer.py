@@ -563,3 +563,18 @@ def test_closure_may_return_a_numpy_scalar():
     np = pytest.importorskip("numpy")
     p = torch.zeros(3)
     assert ZOOptimizer([p], seed=0).step(lambda: np.float32(1.5)).item() == 1.5
+
+
+def test_frozen_params_beside_trained_ones_are_refused():
+    """A model with frozen layers (requires_grad=False) passed whole: torch's optimizers skip
+    those params, having no gradient for them, but a ZO pass would move them. The error names
+    the param and the filter; plain tensors (none require grad) and filtered lists are fine."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"param 0 of group 0 has requires_grad=False.*p.requires_grad"):
+        ZOOptimizer(model.parameters())
+    opt = ZOOptimizer([p for p in model.parameters() if p.requires_grad], seed=0)
+    with pytest.raises(ValueError, match="param 0 of group 1 has requires_grad=False"):
+        opt.add_param_group({"params": [model[0].weight]})
+    assert len(opt.param_groups) == 1
+    ZOOptimizer([torch.zeros(3), torch.zeros(5)])  # plain tensors: none require grad

@@ -72,6 +72,18 @@ def _shared_memory(groups: list[dict]) -> tuple[tuple[int, int], tuple[int, int]
     return None
 
 
+def _frozen_among_trained(groups: list[dict]) -> tuple[int, int] | None:
+    """A (group, index) param with requires_grad=False in a list that also has trainable
+    ones (a model with frozen layers): torch's optimizers skip it, having no gradient for it,
+    but a ZO pass moves every param it is given. None when all or none require grad (plain
+    tensors, which the functional API and tests pass, require none)."""
+    flags = [(p.requires_grad, g, k) for g, group in enumerate(groups)
+             for k, p in enumerate(group["params"])]
+    if any(f for f, _, _ in flags):
+        return next(((g, k) for f, g, k in flags if not f), None)
+    return None
+
+
 def _takes_index(closure: Callable) -> bool:
     """A closure with a positional parameter receives the query index. A plain function
     answers from its code object, as ``inspect.signature`` would, in a twentieth of the time
@@ -261,6 +273,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("capturable=True needs exact=False: the exact mode's side table "
                              "is sized on the host each step")
         self._check_storage(0)
+        self._check_frozen()
         self._built = True
         self._codes: dict[int, torch.Tensor] = {}
         self._tables: dict[int, exact_mod.Table] = {}
@@ -271,6 +284,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._check_group(self.param_groups[-1])
             if self._built:
                 self._check_storage(len(self.param_groups) - 1)
+                self._check_frozen()
         except Exception:
             self.param_groups.pop()  # a refused group must not stay for the next step to run
             raise
@@ -285,6 +299,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         if len(devices) > 1:
             raise ValueError(f"a param group holds params on several devices {sorted(map(str, devices))}; "
                              "put each device's params in its own group")
+
+    def _check_frozen(self) -> None:
+        frozen = _frozen_among_trained(self.param_groups)
+        if frozen is not None:
+            g, k = frozen
+            raise ValueError(f"param {k} of group {g} has requires_grad=False beside params that "
+                             "require grad: ZO moves every param it is given (there is no gradient "
+                             "to skip it by); pass only the params to train, e.g. "
+                             "[p for p in model.parameters() if p.requires_grad]")
 
     def _check_storage(self, first: int) -> None:
         """Groups ``first`` on against exact and stochastic_rounding (run again when the
