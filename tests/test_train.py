@@ -542,6 +542,36 @@ def test_a_bad_second_dataset_is_named_by_its_flag(base, tmp_path, flag):
     assert msg.startswith(f"zo-train: error: {flag} ") and "no such file or folder" in msg, msg
 
 
+def test_an_interrupt_says_what_is_lost_and_how_to_resume(base, tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-run: no traceback but one line with the checkpoint to resume from (the
+    steps after it are lost), exit status 130; the line's command resumes the run."""
+    from zo_opt.optimizer import ZOOptimizer
+
+    real, calls = ZOOptimizer.step, []
+
+    def interrupted_third(self, closure=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, closure)
+
+    monkeypatch.setattr(ZOOptimizer, "step", interrupted_third)
+    args = base + ["--max_steps", "5", "--eval_interval", "0", "--no-plot"]
+    with pytest.raises(SystemExit) as stop:
+        main(args + ["--save_interval", "2"])
+    ckpt = tmp_path / "runs" / "r" / "checkpoints" / "step_00000002"
+    assert stop.value.code == 130
+    assert (f"interrupted at step 2: the steps after {ckpt} are lost; resume with "
+            f"zo-train --resume {ckpt}") in capsys.readouterr().err
+    calls.clear()
+    with pytest.raises(SystemExit):
+        main(args + ["--disable_checkpoint", "--run_name", "r2"])
+    assert "interrupted at step 2: no checkpoint written" in capsys.readouterr().err
+    monkeypatch.undo()
+    run = main(["--resume", str(ckpt), "--no-progress"])
+    assert [r["step"] for r in rows(run)] == ["1", "2", "3", "4", "5"]
+
+
 def test_resume_after_a_row_cut_short_mid_write(base):
     """A kill while a CSV row was being written left half a row; the resume crashed on it."""
     run = main(base + ["--max_steps", "2", "--eval_interval", "0", "--no-plot", "--save_interval", "1",

@@ -138,6 +138,17 @@ def main(argv=None):
         return train(args)
     except DataError as e:
         sys.exit(f"zo-train: error: {e}")
+    except KeyboardInterrupt:  # train() has logged where to resume from
+        sys.exit(130)
+
+
+def interrupted_note(step: int, checkpoint) -> str:
+    """What an interrupt at ``step`` loses, and the command that resumes."""
+    if checkpoint is None:
+        return (f"interrupted at step {step}: no checkpoint written, nothing to resume from "
+                "(--save_interval N saves every N steps)")
+    return (f"interrupted at step {step}: the steps after {checkpoint} are lost; "
+            f"resume with zo-train --resume {checkpoint}")
 
 
 def train(args) -> Path:
@@ -276,6 +287,8 @@ def train(args) -> Path:
         with open(csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS).writerow(row)
 
+    last_checkpoint = [resume]  # where a resume would start from (an interrupt says so)
+
     def save(step):
         if not ranks.main:
             return
@@ -284,6 +297,7 @@ def train(args) -> Path:
                  "zo": zo.state_dict() if zo else None, "torch_opt": torch_opt.state_dict() if torch_opt else None,
                  "instruct": instruct.state_dict() if instruct else None}
         path = ckpt_io.save_checkpoint(ckpt_dir, step, model, tokenizer, state, cfg, keep=cfg["keep_checkpoints"])
+        last_checkpoint[0] = path
         log(f"checkpoint: {path}")
 
     # ---- the two kinds of work a step does
@@ -332,76 +346,82 @@ def train(args) -> Path:
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, disable=not (cfg["progress"] and ranks.main),
                dynamic_ncols=True, desc=f"{mode} q={q}" if mode != "FO" else "FO")
     t_last = time.perf_counter()
-    for step in bar:
-        t0 = time.perf_counter()
-        fwd_time[0] = 0.0
-        bp_step = mode in ("Instruct", "Calibrate") and step % cfg["bp_interval"] == 0
-        if mode == "FO" or (mode == "Calibrate" and bp_step):
-            x = ranks.shard(bp_stream.batch(step if mode == "FO" else step // cfg["bp_interval"])).to(device)
-            if torch_opt is not None and mode == "Calibrate":
-                for g in torch_opt.param_groups:
-                    g["lr"] = bp_lr
-            loss, grad_norm = backprop(x)
-            torch_opt.step()
-            for p in params:
-                p.grad = None
-            n_fwd, n_tok = 1, x.numel()
-        elif mode == "Instruct":
-            n_fwd, n_tok = 2 * q, 0
-            if bp_step:
-                x = bp_stream.batch(step // cfg["bp_interval"]).to(device)
-                _, norm = backprop(x)
-                instruct.set_gradient([p.grad for p in params])
+    done = start
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            fwd_time[0] = 0.0
+            bp_step = mode in ("Instruct", "Calibrate") and step % cfg["bp_interval"] == 0
+            if mode == "FO" or (mode == "Calibrate" and bp_step):
+                x = ranks.shard(bp_stream.batch(step if mode == "FO" else step // cfg["bp_interval"])).to(device)
+                if torch_opt is not None and mode == "Calibrate":
+                    for g in torch_opt.param_groups:
+                        g["lr"] = bp_lr
+                loss, grad_norm = backprop(x)
+                torch_opt.step()
                 for p in params:
                     p.grad = None
-                n_fwd, n_tok = n_fwd + 1, x.numel()
-            batches = zo_batches(step)
-            loss = instruct.step(step, closure_over(batches), fresh_bp=bp_step)
-            grad_norm = instruct.last_grads.pow(2).mean().sqrt()
-            n_tok += sum(b.numel() for b in batches)
-        else:  # a ZO step
-            batches = zo_batches(step)
-            if torch_opt is not None and mode == "Calibrate":
-                for g in torch_opt.param_groups:
-                    g["lr"] = lr
-            loss = zo.step(closure_over(batches))
-            rec = zo.last_record
-            if not fused and torch.isfinite(rec.grads).all():
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                torch._foreach_zero_(grads)
-                F.zo_update_(grads, rec.seeds, rec.grads / q, distribution=cfg["distribution"], backend=cfg["backend"])
-                for p, g in zip(params, grads):
-                    p.grad = g
-                torch_opt.step()
-            # E[(grad . z)^2] = |grad|^2 for Gaussian z: the RMS of the g_i estimates |grad|
-            grad_norm = rec.grads.pow(2).mean().sqrt()
-            n_fwd = 2 * q if cfg["estimator"] == "central" else q + 1
-            n_tok = sum(b.numel() for b in batches)
-            counters["zo_steps"] += 1
-        sync()
-        dt = time.perf_counter() - t0
-        if mode != "FO" and not bp_step:
-            counters["zo_time"] += dt
-            counters["zo_fwd_time"] += fwd_time[0]
-        counters["step_time"] += dt
-        counters["forward_passes"] += n_fwd
-        counters["tokens"] += n_tok * ranks.world  # the global batch
-        now = time.perf_counter()
-        counters["elapsed_s"] += now - t_last
-        t_last = now
+                n_fwd, n_tok = 1, x.numel()
+            elif mode == "Instruct":
+                n_fwd, n_tok = 2 * q, 0
+                if bp_step:
+                    x = bp_stream.batch(step // cfg["bp_interval"]).to(device)
+                    _, norm = backprop(x)
+                    instruct.set_gradient([p.grad for p in params])
+                    for p in params:
+                        p.grad = None
+                    n_fwd, n_tok = n_fwd + 1, x.numel()
+                batches = zo_batches(step)
+                loss = instruct.step(step, closure_over(batches), fresh_bp=bp_step)
+                grad_norm = instruct.last_grads.pow(2).mean().sqrt()
+                n_tok += sum(b.numel() for b in batches)
+            else:  # a ZO step
+                batches = zo_batches(step)
+                if torch_opt is not None and mode == "Calibrate":
+                    for g in torch_opt.param_groups:
+                        g["lr"] = lr
+                loss = zo.step(closure_over(batches))
+                rec = zo.last_record
+                if not fused and torch.isfinite(rec.grads).all():
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                    torch._foreach_zero_(grads)
+                    F.zo_update_(grads, rec.seeds, rec.grads / q, distribution=cfg["distribution"], backend=cfg["backend"])
+                    for p, g in zip(params, grads):
+                        p.grad = g
+                    torch_opt.step()
+                # E[(grad . z)^2] = |grad|^2 for Gaussian z: the RMS of the g_i estimates |grad|
+                grad_norm = rec.grads.pow(2).mean().sqrt()
+                n_fwd = 2 * q if cfg["estimator"] == "central" else q + 1
+                n_tok = sum(b.numel() for b in batches)
+                counters["zo_steps"] += 1
+            sync()
+            dt = time.perf_counter() - t0
+            if mode != "FO" and not bp_step:
+                counters["zo_time"] += dt
+                counters["zo_fwd_time"] += fwd_time[0]
+            counters["step_time"] += dt
+            counters["forward_passes"] += n_fwd
+            counters["tokens"] += n_tok * ranks.world  # the global batch
+            now = time.perf_counter()
+            counters["elapsed_s"] += now - t_last
+            t_last = now
 
-        done = step + 1
-        is_eval = cfg["eval_interval"] and len(val_blocks) and (done % cfg["eval_interval"] == 0 or done == max_steps)
-        ev = evaluate(model, val_blocks, device) if is_eval and ranks.main else None
-        if done % cfg["log_interval"] == 0 or is_eval or done == max_steps:
-            lv, gv = float(loss), float(grad_norm)
-            write_row(done, lv, gv, ev)
-            bar.set_postfix(loss=f"{lv:.4f}", refresh=False)
-            if ev is not None:
-                log(f"step {done}: loss {lv:.4f} eval_loss {ev:.4f}")
-        if not cfg["disable_checkpoint"] and ((cfg["save_interval"] and done % cfg["save_interval"] == 0) or done == max_steps):
-            save(done)
-        t_last = time.perf_counter()  # evals and checkpoints are not training time
+            done = step + 1
+            is_eval = cfg["eval_interval"] and len(val_blocks) and (done % cfg["eval_interval"] == 0 or done == max_steps)
+            ev = evaluate(model, val_blocks, device) if is_eval and ranks.main else None
+            if done % cfg["log_interval"] == 0 or is_eval or done == max_steps:
+                lv, gv = float(loss), float(grad_norm)
+                write_row(done, lv, gv, ev)
+                bar.set_postfix(loss=f"{lv:.4f}", refresh=False)
+                if ev is not None:
+                    log(f"step {done}: loss {lv:.4f} eval_loss {ev:.4f}")
+            if not cfg["disable_checkpoint"] and ((cfg["save_interval"] and done % cfg["save_interval"] == 0) or done == max_steps):
+                save(done)
+            t_last = time.perf_counter()  # evals and checkpoints are not training time
+    except KeyboardInterrupt:
+        bar.close()
+        log(interrupted_note(done, last_checkpoint[0]))
+        raise
     bar.close()
     if not ranks.agree(params):
         raise RuntimeError("data-parallel ranks hold different parameters: a rank saw other seeds "
