@@ -578,3 +578,18 @@ def test_frozen_params_beside_trained_ones_are_refused():
         opt.add_param_group({"params": [model[0].weight]})
     assert len(opt.param_groups) == 1
     ZOOptimizer([torch.zeros(3), torch.zeros(5)])  # plain tensors: none require grad
+
+
+def test_loading_a_state_saved_with_other_settings_says_so():
+    """The saved q, eps, distribution and estimator do not override the optimizer's own (a
+    new q for the rest of a run may be meant), but a mismatch is said: the run then differs
+    from the one that saved it. Matching settings load quietly."""
+    p = torch.zeros(10)
+    saved = ZOOptimizer([p], q=4, seed=1).state_dict()
+    with pytest.warns(UserWarning, match=r"saved with q=4; this optimizer keeps its own q=2"):
+        ZOOptimizer([p], q=2).load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = ZOOptimizer([p], q=4)
+        opt.load_state_dict(saved)
+    assert opt.base_seed == 1

@@ -6,6 +6,7 @@ import math
 import numbers
 import secrets
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -82,6 +83,19 @@ def _frozen_among_trained(groups: list[dict]) -> tuple[int, int] | None:
     if any(f for f, _, _ in flags):
         return next(((g, k) for f, g, k in flags if not f), None)
     return None
+
+
+def _warn_on_other_settings(saved: dict, own: dict) -> None:
+    """A state loaded into an optimizer made with other settings (q, eps, ...): they stay this
+    optimizer's, which may be meant (a new q for the rest of a run), but the run then differs
+    from the one that saved it, so it is said."""
+    other = {k: saved[k] for k, v in own.items() if k in saved and saved[k] != v}
+    if other:
+        warnings.warn("load_state_dict: the state was saved with "
+                      + ", ".join(f"{k}={v!r}" for k, v in other.items())
+                      + "; this optimizer keeps its own "
+                      + ", ".join(f"{k}={own[k]!r}" for k in other)
+                      + " (pass the saved values to resume the same run)", stacklevel=3)
 
 
 def _takes_index(closure: Callable) -> bool:
@@ -633,6 +647,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo is None:
             raise ValueError("this state_dict has no 'zo' entry; it was not saved by ZOOptimizer")
         super().load_state_dict(state_dict)
+        _warn_on_other_settings(zo, {"q": self.q, "eps": self.eps, "distribution": self.distribution,
+                                     "estimator": self.estimator})
         self.base_seed = noise.check_seed(int(zo["base_seed"]))
         self.step_count = int(zo["step"])
         if self.capturable:
