@@ -72,6 +72,7 @@ def _synced_version(zo, history: protocol.History) -> int:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = task.FedConfig.from_run_config(context.run_config)
+    cfg.check()  # `flwr run --run-config` bypasses run.py's flags: a bad value would fail every round
     task.setup_threads(cfg)
     model = task.build_model(cfg)
     params = task.trained_params(model)
