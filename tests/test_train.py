@@ -582,3 +582,22 @@ def test_resume_after_a_row_cut_short_mid_write(base):
     main(["--resume", str(run / "checkpoints" / "step_00000001"), "--max_steps", "2", "--no-progress"])
     r = rows(run)
     assert [x["step"] for x in r] == ["1", "2"] and r[0] == first and all(None not in x.values() for x in r)
+
+
+def test_a_folder_with_other_files_says_what_it_skipped(tmp_path, cache):
+    """Files a folder holds besides .txt/.jsonl/.parquet are skipped, and the log says which."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("In the beginning was the word. " * 40)
+    (tmp_path / "d" / "b.json").write_text("{}")
+    (tmp_path / "d" / "c.json").write_text("{}")
+    lines = []
+    data.load_blocks(str(tmp_path / "d"), block_size=16, cache_dir=str(cache), log=lines.append)
+    assert any("skipped files of other types (.json x2)" in line for line in lines)
+
+
+def test_a_split_of_one_block_names_its_flag(base, tmp_path):
+    (tmp_path / "one.txt").write_text("a b c d e f g h i j k l m n o p q r s t")  # one 16-token block
+    with pytest.raises(SystemExit) as stop:
+        main(base + ["--dataset", str(tmp_path / "one.txt"), "--mode", "Instruct", "--max_steps", "1",
+                     "--split_dataset_for_bp_zo"])
+    assert "--split_dataset_for_bp_zo: the training data holds 1 block" in str(stop.value.code)

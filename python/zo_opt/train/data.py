@@ -17,6 +17,7 @@ max_samples and validation fraction.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.util
 import json
@@ -175,6 +176,15 @@ def local_files(path: Path) -> list[Path]:
     return files
 
 
+def skipped_files(path: Path) -> str | None:
+    """What a folder holds besides the files it is read for, as ``.json x3, .csv x1``."""
+    if not path.is_dir():
+        return None
+    kinds = collections.Counter(p.suffix or p.name for p in path.rglob("*")
+                                if p.is_file() and p.suffix not in SUFFIXES and not p.name.startswith("."))
+    return ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) or None
+
+
 def _hub_reachable(timeout=3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
         return False
@@ -277,7 +287,9 @@ def split_documents(n_docs: int, val_fraction: float):
 def load_blocks(spec, *, block_size, max_samples=None, val_fraction=0.05, text_field=None,
                 cache_dir=None, tokenizer=None, log=print):
     """{'train': LongTensor[N, block], 'val': LongTensor[M, block]}, cached on disk."""
-    _, ident = describe(spec)
+    kind, ident = describe(spec)
+    if kind == "local" and (skipped := skipped_files(Path(spec).expanduser())):
+        log(f"data: {spec}: skipped files of other types ({skipped}); reading {'/'.join(SUFFIXES)}")
     key = hashlib.sha256(json.dumps([CACHE_VERSION, ident, tokenizer_key(cache_dir), block_size,
                                      max_samples, val_fraction, text_field]).encode()).hexdigest()[:20]
     folder = cache_root(cache_dir) / "blocks" / key

@@ -188,6 +188,10 @@ def train(args) -> Path:
     zo_blocks = bp_blocks = train_blocks
     if cfg["split_dataset_for_bp_zo"]:
         half = len(train_blocks) // 2
+        if half == 0:  # else "no blocks for the bp stream", naming no flag
+            raise DataError(f"--split_dataset_for_bp_zo: the training data holds {len(train_blocks)} block; "
+                            "splitting it into BP and ZO halves needs 2 or more (more data, or a smaller "
+                            "--block_size)")
         bp_blocks, zo_blocks = train_blocks[:half], train_blocks[half:]
     if cfg["bp_dataset"]:
         bp_blocks = blocks(cfg["bp_dataset"], "--bp_dataset")["train"]
