@@ -290,3 +290,10 @@ def test_cpu_backend_names_an_offset_it_cannot_take():
     with pytest.raises(RuntimeError, match=r"tensor 0's offset is 1000; it must be a non-negative "
                        r"multiple of 128.*torch and triton backends take any offset"):
         perturb_([torch.zeros(10)], 1, 0.1, backend="cpu", base_offset=1000)
+
+
+def test_a_0d_coeffs_tensor_is_named():
+    with pytest.raises(ValueError, match="coeffs is a 0-d tensor; pass a 1-d one"):
+        zo_update_([torch.zeros(3)], [1], torch.tensor(0.5))
+    with pytest.raises(ValueError, match="scales is a 2-d tensor"):
+        noise_axpby_([torch.zeros(3)], [1], torch.ones(1, 2))

@@ -593,3 +593,10 @@ def test_loading_a_state_saved_with_other_settings_says_so():
         opt = ZOOptimizer([p], q=4)
         opt.load_state_dict(saved)
     assert opt.base_seed == 1
+
+
+def test_a_complex_loss_is_refused():
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match="complex64 loss; it must be real"):
+        ZOOptimizer([p], seed=0).step(lambda: torch.tensor(1 + 2j, dtype=torch.complex64))
+    assert torch.equal(p, torch.zeros(3))  # a refused loss leaves the params where they were

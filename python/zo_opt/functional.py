@@ -33,6 +33,14 @@ def check_params(params: Sequence[torch.Tensor], name: str = "params") -> list[t
     return params
 
 
+def _entries(name: str, values: Scales) -> int:
+    """How many entries a scales/coeffs argument has (a 0-d tensor has no len())."""
+    if isinstance(values, torch.Tensor) and values.dim() != 1:
+        raise ValueError(f"{name} is a {values.dim()}-d tensor; pass a 1-d one, an entry per seed"
+                         + (" (and scales[0] for the params)" if name == "scales" else ""))
+    return len(values)
+
+
 def _scales_on(scales: Scales, device: torch.device) -> torch.Tensor:
     """The scales as a float32 vector on ``device``. Host floats go through pinned memory
     with a non-blocking copy: a pageable copy would make every pass wait for the GPU."""
@@ -116,7 +124,7 @@ class Prepared:
                      distribution: str = "gaussian") -> None:
         """``params[k] = scales[0] * params[k] + sum_i scales[1+i] * z_k(seeds[i])``; seeds
         and scales already on the params' device make this launch-only (graph-capturable)."""
-        if len(scales) != len(seeds) + 1:
+        if _entries("scales", scales) != len(seeds) + 1:
             raise ValueError(f"scales has {len(scales)} entries; expected 1 + len(seeds) = "
                              f"{len(seeds) + 1}")
         if not isinstance(seeds, torch.Tensor):  # host ints: 2**64 would wrap to 0, -1 to 2**64-1
@@ -189,7 +197,7 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Seeds, coeffs: Scales, *,
     stochastic rounding (docs/EXACT.md) instead of round-to-nearest.
     """
     seeds = seed_list(seeds)
-    if len(coeffs) != len(seeds):
+    if _entries("coeffs", coeffs) != len(seeds):
         raise ValueError(f"coeffs has {len(coeffs)} entries for {len(seeds)} seeds")
     if not seeds:
         return

@@ -126,6 +126,8 @@ def _as_loss(value) -> torch.Tensor:
         if value.numel() != 1:
             raise ValueError(f"the closure returned a tensor of shape {tuple(value.shape)}; "
                              "it must return the scalar loss")
+        if value.is_complex():  # the cast below would keep the real part, with only a warning
+            raise ValueError(f"the closure returned a {value.dtype} loss; it must be real")
         return value.detach().reshape(()).to(torch.float64)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         return torch.tensor(float(value), dtype=torch.float64)
