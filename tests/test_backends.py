@@ -50,6 +50,19 @@ def test_perturb_matches_reference_on_ragged_shapes(backend, distribution, seed)
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
+@pytest.mark.parametrize("seeds", [[3], [3, 2**64 - 9]])
+def test_signed_zeros_follow_the_reference(backend, distribution, seeds):
+    """The sum of the directions starts from +0 on every backend: with zero coefficients (a
+    direction whose two losses are equal) a -0.0 weight ends +0.0, compared as bits."""
+    params = [torch.tensor([-0.0, 0.0, 1.5] * 300)]
+    want = reference(params, [900], seeds, [0.0, -0.0][:len(seeds)], distribution)
+    noise_axpby_(params, seeds, [1.0, 0.0, -0.0][:len(seeds) + 1], distribution=distribution,
+                 backend=backend)
+    assert torch.equal(params[0].view(torch.int32), want[0].view(torch.int32))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("distribution", noise.DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dtypes_round_to_nearest_like_torch(backend, distribution, dtype):
     params = [torch.randn(s).to(dtype) for s in [(300,), (129,), (4, 33)]]
