@@ -229,7 +229,7 @@ def test_gpu_driver_sweep_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(noise_axpby, "_launch", recorded)
     tilings = {"rademacher": ((1024, 4), (2048, 8, 2, 64, True)),
                "gaussian": ((1024, 4), (1024, 4, 1, None, False, 1))}
-    configs = ((1024, 4, 1), (2048, 4, 1))
+    configs = ((1024, 4, 1, False), (2048, 4, 1, True))
     before = (dict(noise_axpby.TILINGS), exact.CONFIG)
     micro = GPT2Size("micro", 32, 1, 1, 32, vocab=128)
     rows = driver.sweep_rows(micro, "cpu", 1, driver.Budget(600), tilings, configs, ("bfloat16",))
@@ -240,7 +240,7 @@ def test_gpu_driver_sweep_under_the_interpreter(monkeypatch):
         "zo-opt[triton] BLOCK=1024 warps=4",
         "zo-opt[triton] BLOCK=2048 warps=8 halves=2 maxnreg=64 lazy masks",
         "zo-opt[triton] BLOCK=1024 warps=4 persistent=1",
-        "zo-opt[triton] BLOCK=2048 warps=4"}
+        "zo-opt[triton] BLOCK=2048 warps=4 lazy masks"}
     assert {noise_axpby.Tiling(*t) for ts in tilings.values() for t in ts} <= launched
     assert (noise_axpby.TILINGS, exact.CONFIG) == before
 

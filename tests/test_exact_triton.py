@@ -104,11 +104,12 @@ def test_many_old_and_new_seeds():
 
 
 @pytest.mark.parametrize("distribution", DISTS)
-def test_tiles_in_halves_match_reference(monkeypatch, distribution):
+@pytest.mark.parametrize("lazy_masks", [False, True])
+def test_tiles_in_halves_match_reference(monkeypatch, distribution, lazy_masks):
     """A CONFIG whose programs run their tiles in two halves (kernel.CONFIG: block, warps,
-    halves) gives the reference's passes too: tensors end in either half, and the second
-    half's codes and table chunks are its own."""
-    monkeypatch.setattr(kernel, "CONFIG", (256, 1, 2))
+    halves, lazy_masks) gives the reference's passes too, with either masks: tensors end in
+    either half, and the second half's codes and table chunks are its own."""
+    monkeypatch.setattr(kernel, "CONFIG", (256, 1, 2, lazy_masks))
     sizes = (130, 300, 4096 + 200)
     params = make_params(sizes, [torch.bfloat16, torch.float32, torch.float16], seed=5)
     start = [p.clone() for p in params]
@@ -224,6 +225,24 @@ def test_prepared_list_uses_the_kernel():
 
 # the tl.fma calls of noise_axpby._log (11) and _cos_sin_2pi (7), and _sqrt's PTX (2)
 BOX_MULLER_FMAS = 20
+
+
+def test_exact_mask_modes_compile_for_sm90(compile_reports):
+    """The exact kernel with lazy masks and with eager ones (CONFIG's lazy_masks; the GPU
+    sweep weighs both) compiles: no approximate math, the same square roots in each of the
+    lazy kernel's two copies of its noise code, the passes that encode within their cap and
+    without spills, and fewer instructions on an interior tile's path with lazy masks."""
+    eager = {(r["dtype"], r["rademacher"], r["variant"]): r for r in compile_reports("exact_eager")}
+    lazy = compile_reports("exact_lazy")
+    assert len(lazy) == len(eager) == 10
+    for r in lazy:
+        e = eager[(r["dtype"], r["rademacher"], r["variant"])]
+        assert r["lazy_masks"] and not e["lazy_masks"], r
+        assert r["approx"] == e["approx"] == [] and r["sqrt_seeds"] == 2 * e["sqrt_seeds"], r
+        if r["registers"] is not None and r["variant"] != "update_sr":
+            assert r["registers"] <= kernel.ENCODE_MAXNREG and r["spill_bytes"] == 0, r
+        if r["aligned"] and r["interior_instructions"] is not None:  # None: no nvdisasm
+            assert r["interior_instructions"] < e["interior_instructions"], (r, e)
 
 
 def test_exact_kernel_compiles_for_sm90(compile_reports):

@@ -5,6 +5,7 @@
     python -m zo_kernels.compile_check [arch] eager   # every variant with eager masks
     python -m zo_kernels.compile_check [arch] persistent  # every variant on a persistent grid
     python -m zo_kernels.compile_check [arch] exact   # the same for the exact pass (exact.py)
+    python -m zo_kernels.compile_check [arch] exact_lazy   # ... with lazy masks (exact_eager)
     python -m zo_kernels.compile_check [arch] table   # the side table's kernels (exact_table.py)
 
 Needs the real compiler: run it with TRITON_INTERPRET unset (the tests use a subprocess).
@@ -16,7 +17,7 @@ enable_fp_fusion=False, the fma instructions (Box-Muller's own, spelled out, and
 from ptxas (Triton's own), the registers a thread and the spill bytes, which set how many
 blocks an SM holds; and from the SASS (Triton's nvdisasm), the instructions of each seed
 loop, and for the plain pass, per element a thread holds in a part (what Gaussian passes,
-bound by issue, cost), and the path of an interior tile through an aligned plain pass (its
+bound by issue, cost), and the path of an interior tile through an aligned pass (its
 instructions, and its compares outside the loops: a masked branch's, hoisted onto it, show).
 """
 from __future__ import annotations
@@ -98,7 +99,7 @@ def summary(compiled, interior_path: bool = False) -> dict:
     instructions, global load/store widths, Philox's multiplies (20 a call, so they count the
     calls a thread makes); what ptxas reports: registers a thread and spill bytes (None
     without a ptxas); and the SASS's loops, and with ``interior_path`` an interior tile's
-    path (an aligned plain pass's)."""
+    path (an aligned pass's, plain or exact)."""
     ptx = compiled.asm["ptx"]
     sass = _sass(compiled.asm["cubin"])
     approx = re.findall(r"\b\w+\.approx[\w.]*", ptx)
@@ -148,7 +149,7 @@ def loops(sass) -> dict:
 
 
 def interior(sass) -> dict:
-    """The path of an interior tile through an aligned plain pass (_interior_path): its SASS
+    """The path of an interior tile through an aligned pass (_interior_path): its SASS
     instructions, each loop once, and its compares outside the loops (a tile's bounds, and
     the element masks of a variant that makes them for every tile). None without nvdisasm."""
     if sass is None:
@@ -180,7 +181,7 @@ def _loops(code: list[str], labels: dict) -> list[tuple[int, int]]:
 
 
 def _interior_path(code: list[str], labels: dict, in_loop: list[bool]) -> list[int]:
-    """The instructions an interior tile of an aligned plain pass runs, each loop once: from
+    """The instructions an interior tile of an aligned pass runs, each loop once: from
     the entry, over every forward branch past scalar data accesses and no loop (a masked
     load or store), into everything else, to the EXIT after which no scalar store is left."""
     path, i = [], 0
@@ -240,9 +241,12 @@ EXACT_POINTER_ARGS = ("base_ptr", "rows_ptr", "block_map_ptr", "seeds_ptr", "sca
                       "codes_ptr", "chunk_base_ptr", "bits_ptr")
 
 
-def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compiler.ASTSource:
+def exact_source(dtype: str, rademacher: bool, variant: tuple,
+                 config: tuple | None = None) -> triton.compiler.ASTSource:
+    """The exact kernel's ``variant`` (EXACT_VARIANTS) as launched, or at ``config``."""
     import torch
 
+    block, _, halves, lazy_masks = config or exact.CONFIG
     kernel = exact.exact_kernel
     _, decode, encode, rounding, aligned = variant
     signature = {"base_ptr": f"*{dtype}", "rows_ptr": "*i64", "block_map_ptr": "*i32",
@@ -253,7 +257,7 @@ def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compile
                   "RADEMACHER": rademacher, "ALIGNED": aligned,
                   "VEC": VECTOR_BYTES // ELEMENT_BYTES[dtype],
                   "BIG": exact.BIGS[getattr(torch, TORCH_DTYPES[dtype])],
-                  "BLOCK": exact.CONFIG[0], "HALVES": exact.CONFIG[2]}
+                  "BLOCK": block, "HALVES": halves, "LAZY_MASKS": lazy_masks}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): DIVISIBLE_16
              for name in (*EXACT_POINTER_ARGS, "code_base")}  # code_base: a multiple of 128
@@ -261,12 +265,19 @@ def exact_source(dtype: str, rademacher: bool, variant: tuple) -> triton.compile
                                      attrs=attrs)
 
 
-def exact_report(dtype: str, rademacher: bool, variant: tuple, arch: int) -> dict:
-    compiled = triton.compile(exact_source(dtype, rademacher, variant),
+# The exact kernel's mask modes: CONFIG's lazy_masks to use (None: CONFIG's own).
+EXACT_MODES = {"exact": None, "exact_lazy": True, "exact_eager": False}
+
+
+def exact_report(dtype: str, rademacher: bool, variant: tuple, arch: int,
+                 lazy_masks: bool | None = None) -> dict:
+    config = exact.CONFIG if lazy_masks is None else (*exact.CONFIG[:3], lazy_masks)
+    compiled = triton.compile(exact_source(dtype, rademacher, variant, config),
                               target=GPUTarget("cuda", arch, 32),
-                              options=exact.launch_options(variant[2], exact.CONFIG[1]))
+                              options=exact.launch_options(variant[2], config[1]))
     return {"kernel": "exact", "variant": variant[0], "dtype": dtype, "rademacher": rademacher,
-            "aligned": variant[4], "arch": arch, **summary(compiled)}
+            "aligned": variant[4], "arch": arch, "lazy_masks": config[3],
+            **summary(compiled, interior_path=variant[4])}
 
 
 def table_report(kernel, dtype: str, arch: int) -> dict:
@@ -292,20 +303,20 @@ def table_report(kernel, dtype: str, arch: int) -> dict:
 def main(arch: int = 90, which: str = "noise") -> None:
     if noise_axpby.INTERPRETED:
         sys.exit("compile_check needs the compiler: unset TRITON_INTERPRET")
-    if which not in ("noise", "exact", "table", *MODES):
+    if which not in ("noise", "table", *EXACT_MODES, *MODES):
         sys.exit(f"unknown variant set {which!r}: give none, or one of "
-                 f"{', '.join(['exact', 'table', *MODES])}")
+                 f"{', '.join(['table', *EXACT_MODES, *MODES])}")
     for dtype in ELEMENT_BYTES:
         if which == "table":
             for kernel in (exact_table.count_kernel, exact_table.fill_kernel):
                 print(json.dumps(table_report(kernel, dtype, arch)), flush=True)
             continue
         for rademacher in (False, True):
-            if which == "exact":  # every pass kind in bfloat16, the middle passes in all
+            if which in EXACT_MODES:  # every pass kind in bfloat16, the middle passes in all
                 for variant in EXACT_VARIANTS:
                     if dtype == "bf16" or variant[0] == "restore_perturb":
-                        print(json.dumps(exact_report(dtype, rademacher, variant, arch)),
-                              flush=True)
+                        print(json.dumps(exact_report(dtype, rademacher, variant, arch,
+                                                      EXACT_MODES[which])), flush=True)
                 continue
             for aligned in (True, False):
                 changes = MODES.get(which, {})

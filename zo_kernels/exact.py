@@ -37,7 +37,7 @@ from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
 
 CHUNK = 128
 ESC = -128
-# (BLOCK, num_warps, halves) of the exact kernel. An element keeps about ten 32-bit values
+# (BLOCK, num_warps, halves, lazy_masks) of the exact kernel. An element keeps about ten 32-bit values
 # live (x, s_old, s_new, code, theta, its ESC count, ...): with the plain pass's
 # 4096-element tiles ptxas (sm_90) gave 150-255 registers a thread and spills, one 256-thread
 # block per SM. At 8 elements a thread the variants compile_check reports take 63-82
@@ -47,8 +47,11 @@ ESC = -128
 # Rademacher, and fastest of all but in bfloat16 Rademacher (2048 x 4, 8% faster again). Not
 # yet timed: 2048 x 4 in halves, 16 elements a thread (twice the bytes in flight) at 75-80
 # registers where one 2048-slot part spills, which the Rademacher passes may want as the
-# plain ones did (their Gaussian variants spill).
-CONFIG = (1024, 4, 1)
+# plain ones did (their Gaussian variants spill); and lazy masks (noise_axpby.Tiling): an
+# interior tile's path 7-16% fewer SASS instructions (Triton 3.7, 1024 x 4), at up to 80
+# registers in the capped passes where eager masks take 64-80 (92 in the uncapped bfloat16
+# Gaussian last pass, where they take 69), no spills.
+CONFIG = (1024, 4, 1, False)
 # Passes that encode (the first, and the 2q - 1 middle ones of a step) launch capped at 80
 # registers: six 128-thread blocks an SM and no spills on Triton 3.6 to 3.9, where 3.6 took
 # 90-119 in the float32 and bfloat16 middle passes. The last pass runs uncapped:
@@ -213,10 +216,11 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
                  DECODE: tl.constexpr, ENCODE: tl.constexpr,
                  ROUNDING: tl.constexpr, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
                  VEC: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr,
-                 HALVES: tl.constexpr):
+                 HALVES: tl.constexpr, LAZY_MASKS: tl.constexpr):
     """One program: one BLOCK-slot tile of one tensor (tensor_table.py rows, as in
     noise_axpby_kernel), in HALVES parts (1 or 2) whose values are all loaded before any
-    part's noise. DECODE: n_old > 0 (theta from codes)."""
+    part's noise. DECODE: n_old > 0 (theta from codes). LAZY_MASKS: an interior tile and a
+    masked one take paths of their own (noise_axpby.Tiling.lazy_masks)."""
     if RADEMACHER:
         WIDTH: tl.constexpr = 128
     elif ALIGNED:
@@ -225,21 +229,48 @@ def exact_kernel(base_ptr, rows_ptr, block_map_ptr, seeds_ptr, scales_ptr, n_old
         WIDTH: tl.constexpr = 4
     PART: tl.constexpr = BLOCK // HALVES
     origin = tile_origin(rows_ptr, block_map_ptr, BLOCK)
-    ptrs, slots, interior, g0, n_in = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC,
-                                                PART, 1)
-    x = load_tile(ptrs, slots, interior)
+    part = tile_part(base_ptr, origin, 0, WIDTH, ALIGNED, VEC, PART, 1)
+    interior = part[2]
     if HALVES == 2:
-        ptrs2, slots2, interior2, g2, n_in2 = tile_part(base_ptr, origin, PART, WIDTH,
-                                                        ALIGNED, VEC, PART, 1)
-        x2 = load_tile(ptrs2, slots2, interior2)
-    DT: tl.constexpr = base_ptr.dtype.element_ty
+        part2 = tile_part(base_ptr, origin, PART, WIDTH, ALIGNED, VEC, PART, 1)
+        interior2 = part2[2]
+    else:  # one part: _exact_parts never reads a second
+        part2, interior2 = part, interior
+    if not LAZY_MASKS:
+        _exact_parts(part, interior, part2, interior2, seeds_ptr, scales_ptr, n_old, n_new,
+                     codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
+                     ROUNDING, RADEMACHER, BIG, WIDTH, PART, HALVES, False)
+    elif interior & interior2:
+        _exact_parts(part, True, part2, True, seeds_ptr, scales_ptr, n_old, n_new,
+                     codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
+                     ROUNDING, RADEMACHER, BIG, WIDTH, PART, HALVES, True)
+    else:
+        _exact_parts(part, False, part2, False, seeds_ptr, scales_ptr, n_old, n_new,
+                     codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
+                     ROUNDING, RADEMACHER, BIG, WIDTH, PART, HALVES, True)
+
+
+@triton.jit
+def _exact_parts(part, interior, part2, interior2, seeds_ptr, scales_ptr, n_old, n_new,
+                 codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE: tl.constexpr,
+                 ENCODE: tl.constexpr, ROUNDING: tl.constexpr, RADEMACHER: tl.constexpr,
+                 BIG: tl.constexpr, WIDTH: tl.constexpr, PART: tl.constexpr,
+                 HALVES: tl.constexpr, LAZY: tl.constexpr):
+    """The parts' loads, then each part's exact pass (the interiors may be constexpr, for a
+    path that knows them)."""
+    ptrs, slots, _, g0, n_in = part
+    DT: tl.constexpr = ptrs.dtype.element_ty
+    x = load_tile(ptrs, slots, interior, LAZY)
+    if HALVES == 2:
+        ptrs2, slots2, _, g2, n_in2 = part2
+        x2 = load_tile(ptrs2, slots2, interior2, LAZY)
     _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
                 n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
-                ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART)
+                ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART, LAZY)
     if HALVES == 2:
-        _exact_part(x2, ptrs2, slots2, interior2, g2, n_in2, seeds_ptr,
-                    scales_ptr, n_old, n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr,
-                    tau, DECODE, ENCODE, ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART)
+        _exact_part(x2, ptrs2, slots2, interior2, g2, n_in2, seeds_ptr, scales_ptr, n_old,
+                    n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
+                    ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART, LAZY)
 
 
 @triton.jit
@@ -247,7 +278,7 @@ def _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old
                 n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau,
                 DECODE: tl.constexpr, ENCODE: tl.constexpr, ROUNDING: tl.constexpr,
                 RADEMACHER: tl.constexpr, BIG: tl.constexpr, DT: tl.constexpr,
-                WIDTH: tl.constexpr, SLOTS: tl.constexpr):
+                WIDTH: tl.constexpr, SLOTS: tl.constexpr, LAZY: tl.constexpr):
     """The exact pass over one part of SLOTS slots (tile_part's values for it), its values x
     already loaded: decode, displace, store, encode. Its codes are loaded after the noise:
     held across the seed loops, they took ptxas (sm_90) from 64 to 79 registers and to
@@ -290,7 +321,7 @@ def _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old
 
     cptrs = codes_ptr + pos0 + idx
     if DECODE:
-        code = load_tile(cptrs, slots, interior).to(tl.int32)
+        code = load_tile(cptrs, slots, interior, LAZY).to(tl.int32)
         esc = code == ESC_C
         t = _rn_bits(xf - s_old, DT)
         # sign(t) | (mag(t) + code) as one add: mag(t) + code is the encoded mag(theta),
@@ -312,12 +343,12 @@ def _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old
         out = _sr_bits(y, w, DT)
     else:
         out = _rn_bits(y, DT)
-    store_tile(ptrs, _from_bits(out, DT), slots, interior)
+    store_tile(ptrs, _from_bits(out, DT), slots, interior, LAZY)
 
     if ENCODE:
         t2 = _rn_bits(_to_f32(out, DT) - s_new, DT)
         k = (theta_bits & MAG) - (t2 & MAG)
-        store_tile(cptrs, tl.where(esc, ESC_C, k).to(tl.int8), slots, interior)
+        store_tile(cptrs, tl.where(esc, ESC_C, k).to(tl.int8), slots, interior, LAZY)
 
 
 def dtype_launches(params: Sequence[torch.Tensor], offsets: Sequence[int], block: int) -> list:
@@ -342,7 +373,7 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
     params' device: no copy, no host sync, so it can be graph-captured.
 
     Offsets and code_base must be multiples of 128 (the table's chunks, docs/EXACT.md)."""
-    block, warps, halves = CONFIG
+    block, warps, halves, lazy_masks = CONFIG
     launches = dtype_launches(params, offsets, block)
 
     def run(seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
@@ -372,6 +403,7 @@ def prepare_exact(params: Sequence[torch.Tensor], offsets: Sequence[int]):
                     ROUNDING=bool(rounding), RADEMACHER=distribution == "rademacher",
                     ALIGNED=tt.aligned,
                     VEC=VECTOR_BYTES // ps[0].element_size(), BIG=BIGS[ps[0].dtype],
-                    BLOCK=block, HALVES=halves, **launch_options(bool(encode), warps))
+                    BLOCK=block, HALVES=halves, LAZY_MASKS=lazy_masks,
+                    **launch_options(bool(encode), warps))
 
     return run

@@ -162,7 +162,7 @@ def pass_rows(size, dtype_name: str, device, reps: int, budget: Budget) -> list[
 
 # The plain pass's candidate tilings per distribution (zo_kernels.noise_axpby.Tiling: block,
 # warps, halves, maxnreg, lazy_masks, persistent), and the exact kernel's
-# (zo_kernels.exact.CONFIG: block, warps, halves). Each pair that differs in one setting
+# (zo_kernels.exact.CONFIG: block, warps, halves, lazy_masks). Each pair that differs in one setting
 # answers one question. Rademacher (the 16-bit pass at 69% of copy on 11-29 whatever the
 # tile, 16 to 64 bytes a thread, and the cap), every variant without spills on Triton 3.6
 # and 3.7 but the two at 64 registers (3.6: 84 bytes eager, 52 lazy): the 16-bit default
@@ -180,7 +180,8 @@ PLAIN_SWEEP = {
                  (4096, 8, 2, 80), (2048, 4, 2), (2048, 4, 2, None, True), (4096, 8),
                  (8192, 16, 2)),
 }
-EXACT_SWEEP = ((1024, 4, 1), (2048, 4, 1), (2048, 4, 2), (4096, 8, 2))
+EXACT_SWEEP = ((1024, 4, 1, False), (1024, 4, 1, True), (2048, 4, 1, False), (2048, 4, 1, True),
+               (2048, 4, 2, False), (4096, 8, 2, False))
 # Each variant compiles on its first pass (seconds of ptxas each): the kinds whose targets
 # are open go first (16-bit types, and in them Rademacher passes, the reachable one), so that
 # a spent budget skips float32 rows.
@@ -192,7 +193,8 @@ def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
                configs=EXACT_SWEEP, dtypes=SWEEP_DTYPES) -> list[dict]:
     """The Triton kernels per dtype and distribution as % of copy: the plain pass at each of
     ``tilings[distribution]`` (the best goes into zo_kernels.noise_axpby.TILINGS), then the
-    exact pass cycle at each (block, warps, halves) of ``configs`` (zo_kernels.exact.CONFIG)."""
+    exact pass cycle at each (block, warps, halves, lazy_masks) of ``configs``
+    (zo_kernels.exact.CONFIG)."""
     from zo_kernels import exact as exact_kernels, noise_axpby
 
     def variants(params, dist):
@@ -201,7 +203,7 @@ def sweep_rows(size, device, reps: int, budget: Budget, tilings=PLAIN_SWEEP,
         plain = [(_tiling_name(t), 1, mock.patch.dict(noise_axpby.TILINGS, {key: t}), plain_pass)
                  for t in [noise_axpby.Tiling(*c) for c in tilings[dist]]]
         # the exact runner reads CONFIG on its first pass
-        cycle = [(_tiling_name(noise_axpby.Tiling(*c)), 3,
+        cycle = [(_tiling_name(noise_axpby.Tiling(*c[:3], lazy_masks=c[3])), 3,
                   mock.patch.object(exact_kernels, "CONFIG", tuple(c)),
                   lambda ps: workloads.make_pass_cycle("triton", ps, dist, exact=True))
                  for c in configs]
