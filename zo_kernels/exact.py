@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpby import (DTYPES, NO_INLINE_PTX, _philox, load_tile, quad_tile,
+from .noise_axpby import (DTYPES, NO_INLINE_PTX, _philox, load_parts, load_tile, quad_tile,
                           rademacher_signs, rn_bf16_bits, row_counters, signed, store_tile,
                           tile_origin, tile_part)
 from .tensor_table import VECTOR_BYTES, by_dtype, device_of, table_for
@@ -260,14 +260,12 @@ def _exact_parts(part, interior, part2, interior2, seeds_ptr, scales_ptr, n_old,
     path that knows them)."""
     ptrs, slots, _, g0, n_in = part
     DT: tl.constexpr = ptrs.dtype.element_ty
-    x = load_tile(ptrs, slots, interior, LAZY)
-    if HALVES == 2:
-        ptrs2, slots2, _, g2, n_in2 = part2
-        x2 = load_tile(ptrs2, slots2, interior2, LAZY)
+    x, x2 = load_parts(part, interior, part2, interior2, HALVES, LAZY)
     _exact_part(x, ptrs, slots, interior, g0, n_in, seeds_ptr, scales_ptr, n_old,
                 n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
                 ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART, LAZY)
     if HALVES == 2:
+        ptrs2, slots2, _, g2, n_in2 = part2
         _exact_part(x2, ptrs2, slots2, interior2, g2, n_in2, seeds_ptr, scales_ptr, n_old,
                     n_new, codes_ptr, code_base, chunk_base_ptr, bits_ptr, tau, DECODE, ENCODE,
                     ROUNDING, RADEMACHER, BIG, DT, WIDTH, PART, LAZY)

@@ -516,15 +516,25 @@ def _finish(part, interior, part2, interior2, seeds_ptr, scales_ptr, n_seeds,
     constexpr, for a path that knows them): every part's loads first."""
     ptrs, slots, _, g0, _ = part
     DT: tl.constexpr = ptrs.dtype.element_ty
-    x = load_tile(ptrs, slots, interior, LAZY)
-    if HALVES == 2:
-        ptrs2, slots2, _, g2, _ = part2
-        x2 = load_tile(ptrs2, slots2, interior2, LAZY)
+    x, x2 = load_parts(part, interior, part2, interior2, HALVES, LAZY)
     store_tile(ptrs, _axpby(x, g0, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH, SPLIT,
                             PART, DT), slots, interior, LAZY)
     if HALVES == 2:
+        ptrs2, slots2, _, g2, _ = part2
         store_tile(ptrs2, _axpby(x2, g2, seeds_ptr, scales_ptr, n_seeds, RADEMACHER, WIDTH,
                                  SPLIT, PART, DT), slots2, interior2, LAZY)
+
+
+@triton.jit
+def load_parts(part, interior, part2, interior2, HALVES: tl.constexpr, LAZY: tl.constexpr):
+    """The values of a tile's parts (tile_part's; with one part, its values twice), every
+    part's loads issued before any is used."""
+    x = load_tile(part[0], part[1], interior, LAZY)
+    if HALVES == 2:
+        x2 = load_tile(part2[0], part2[1], interior2, LAZY)
+    else:
+        x2 = x
+    return x, x2
 
 
 @triton.jit
