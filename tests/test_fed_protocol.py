@@ -136,6 +136,20 @@ def test_duplicates_and_bounds():
     assert validate_reply(good_reply(), spec(max_abs_grad=1.0)) is None
 
 
+def test_a_node_keeps_the_client_id_it_was_accepted_with():
+    """A node's first refused reply (a client id out of range) pins nothing: its next, valid
+    one is accepted; once accepted, the node may not change its id."""
+    claimed, seen = {}, set()
+    wrong = good_reply()
+    wrong.client_id = 2
+    assert "outside [0, 2)" in protocol.judge_reply(wrong, 7, claimed, spec(), seen)
+    assert claimed == {} and seen == set()
+    assert protocol.judge_reply(good_reply(), 7, claimed, spec(), seen) is None
+    assert claimed == {7: 1} and seen == {1}
+    assert protocol.judge_reply(good_reply(client=0), 7, claimed, spec(), set()) == (
+        "node claimed client id 1 before, now 0")
+
+
 def params0():
     g = torch.Generator().manual_seed(0)
     return [torch.randn(7, 5, generator=g), torch.randn(300, generator=g), torch.randn(3, generator=g)]

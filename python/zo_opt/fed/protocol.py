@@ -179,6 +179,21 @@ def validate_reply(reply: TrainReply, spec: RoundSpec, seen: set[int] | None = N
     return None
 
 
+def judge_reply(reply: TrainReply, node: int, claimed: dict[int, int], spec: RoundSpec,
+                seen: set[int]) -> str | None:
+    """``validate_reply`` for the reply of ``node``, which must keep the client id it was
+    accepted with (``claimed``: node -> client id). An accepted reply records its node's claim
+    and its client id in ``seen``; a rejected one records nothing, so that a node whose first
+    reply was refused (a client id out of range, say) is not held to that id for the run."""
+    if claimed.get(node, reply.client_id) != reply.client_id:
+        return f"node claimed client id {claimed[node]} before, now {reply.client_id}"
+    reason = validate_reply(reply, spec, seen)
+    if reason is None:
+        claimed[node] = reply.client_id
+        seen.add(reply.client_id)
+    return reason
+
+
 # ------------------------------------------------------------------ aggregation and replay
 @dataclass
 class RoundUpdate:

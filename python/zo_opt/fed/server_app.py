@@ -89,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
     if len(nodes) < cfg.num_clients:
         log(WARNING, "zo-fed: only %d of %d nodes connected; going on with them", len(nodes), cfg.num_clients)
     known = {node: 0 for node in nodes}  # the global version each node holds (0: the initial model)
-    claimed: dict[int, int] = {}  # node id -> client id it reported (must not change)
+    claimed: dict[int, int] = {}  # node id -> the client id it was accepted with
     summary = {"config": {k: v for k, v in context.run_config.items()}, "parameters": n_params,
                "fedavg_bytes_per_client_one_way": fedavg_one_way, "rounds": []}
 
@@ -127,14 +127,10 @@ def main(grid: Grid, context: Context) -> None:
             except ValueError as e:
                 reject(f"malformed: {e}")
                 continue
-            if claimed.setdefault(node, reply.client_id) != reply.client_id:
-                reject(f"node claimed client id {claimed[node]} before, now {reply.client_id}")
-                continue
-            reason = protocol.validate_reply(reply, spec, seen)
+            reason = protocol.judge_reply(reply, node, claimed, spec, seen)
             if reason:
                 reject(reason)
                 continue
-            seen.add(reply.client_id)
             accepted.append(reply)
         for node in sorted(set(nodes) - answered):
             rejected.append({"node": node, "reason": "no reply before round-timeout"})
