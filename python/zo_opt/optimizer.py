@@ -270,7 +270,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._constants: dict[tuple, torch.Tensor] = {}
         self._prefetched = None  # (key, seeds, seeds by device) of the next step
         self._warnings = nonfinite_mod.DeferredWarnings()
-        self._built = False  # the groups' joint checks run once all are in (_check_storage)
+        self._built = False  # the groups' joint checks run once all are in (_check_joint)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(params, defaults)
         if self.capturable:
@@ -288,8 +288,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.capturable and self.exact:
             raise ValueError("capturable=True needs exact=False: the exact mode's side table "
                              "is sized on the host each step")
-        self._check_storage(0)
-        self._check_frozen()
+        self._check_joint(0)
         self._built = True
         self._codes: dict[int, torch.Tensor] = {}
         self._tables: dict[int, exact_mod.Table] = {}
@@ -299,8 +298,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         try:
             self._check_group(self.param_groups[-1])
             if self._built:
-                self._check_storage(len(self.param_groups) - 1)
-                self._check_frozen()
+                self._check_joint(len(self.param_groups) - 1)
         except Exception:
             self.param_groups.pop()  # a refused group must not stay for the next step to run
             raise
@@ -316,22 +314,21 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a param group holds params on several devices {sorted(map(str, devices))}; "
                              "put each device's params in its own group")
 
-    def _check_frozen(self) -> None:
+    def _check_joint(self, first: int) -> None:
+        """The checks across params and groups (run again when the layout changes). Groups
+        ``first`` on against exact and stochastic_rounding: the exact pass, and a rounded
+        store over a group with 16-bit params, take float32, float16 and bfloat16 only
+        (another dtype failed mid-step, with the others already displaced), and the momentum
+        step has no rounded store. No two params, in any group, may share memory: a pass would
+        move it twice (z the sum of two directions, which a replay on the model does not
+        apply, and exact mode does not restore). No frozen param beside trainable ones
+        (_frozen_among_trained)."""
         frozen = _frozen_among_trained(self.param_groups)
         if frozen is not None:
-            g, k = frozen
-            raise ValueError(f"param {k} of group {g} has requires_grad=False beside params that "
-                             "require grad: ZO moves every param it is given (there is no gradient "
-                             "to skip it by); pass only the params to train, e.g. "
+            raise ValueError(f"param {frozen[1]} of group {frozen[0]} has requires_grad=False beside "
+                             "params that require grad: ZO moves every param it is given (there is "
+                             "no gradient to skip it by); pass only the params to train, e.g. "
                              "[p for p in model.parameters() if p.requires_grad]")
-
-    def _check_storage(self, first: int) -> None:
-        """Groups ``first`` on against exact and stochastic_rounding (run again when the
-        layout changes): the exact pass, and a rounded store over a group with 16-bit params,
-        take float32, float16 and bfloat16 only (another dtype failed mid-step, with the others
-        already displaced), and the momentum step has no rounded store. And no two params, in
-        any group, may share memory: a pass would move it twice (z the sum of two directions,
-        which a replay on the model does not apply, and exact mode does not restore)."""
         shared = _shared_memory(self.param_groups)
         if shared is not None:
             (g0, k0), (g1, k1) = sorted(shared)
@@ -381,7 +378,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         params = self._params()
         key = (tuple(len(g["params"]) for g in self.param_groups), Prepared.layout(params))
         if self._layout is None or self._layout[0] != key:
-            self._check_storage(0)  # a param cast by hand (p.data = p.data.double())
+            self._check_joint(0)  # a param cast by hand (p.data = p.data.double())
             offsets = noise.offsets([p.numel() for p in params])
             groups, start = [], 0
             for k, group in enumerate(self.param_groups):

