@@ -452,6 +452,28 @@ def test_resume_with_flags_its_checkpoint_cannot_honour_one_line_error(base, arg
     assert len(err.splitlines()) == 1 and flag in err, err
 
 
+def test_resume_with_epochs_ending_before_the_checkpoint_one_line_error(base, capsys):
+    """--epochs is resolved into max_steps only once the data is read: a resume whose epochs
+    ended before the checkpoint ran no step and wrote a summary of fewer steps than were done."""
+    run = main(base + ["--max_samples", "4", "--epochs", "3", "--eval_interval", "0", "--no-plot"])
+    steps = json.loads((run / "summary.json").read_text())["steps"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(run), "--epochs", "1"])
+    assert "--epochs" in str(e.value.code) and f"step {steps}" in str(e.value.code), e.value.code
+    assert len(str(e.value.code).splitlines()) == 1
+    assert json.loads((run / "summary.json").read_text())["steps"] == steps
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(base, capsys):
+    run = main(base + ["--max_steps", "2", "--eval_interval", "0", "--no-plot"])
+    before = rows(run)
+    capsys.readouterr()
+    main(["--resume", str(run)])
+    assert "nothing to train" in capsys.readouterr().err
+    assert rows(run) == before
+
+
 @pytest.mark.parametrize("name, content, reason", [
     ("a.jsonl", b'{"text": "fine"}\n{not json\n', "a.jsonl:2: not a line of UTF-8 JSON"),
     ("a.jsonl", b'{"text": "caf\xe9"}\n', "a.jsonl:1: not a line of UTF-8 JSON"),

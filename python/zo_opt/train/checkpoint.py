@@ -98,5 +98,10 @@ def find_checkpoint(path) -> Path:
     return complete[-1]
 
 
+def checkpoint_step(ckpt) -> int:
+    """The step a complete checkpoint was saved at, without loading it."""
+    return json.loads((Path(ckpt) / MARK).read_text())["step"]
+
+
 def load_state(ckpt: Path) -> dict:
     return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=False)

@@ -194,9 +194,9 @@ def check_resume(parser, args, saved: dict):
         pinned = derived == "max_steps" or saved.get(derived) == saved.get(source)
         if getattr(args, source) != saved.get(source) and getattr(args, derived) == saved.get(derived) and pinned:
             setattr(args, derived, None)
-    from .checkpoint import MARK
+    from .checkpoint import checkpoint_step
 
-    step = json.loads((Path(args.resume) / MARK).read_text())["step"]
+    step = checkpoint_step(args.resume)
     if args.max_steps is not None and args.max_steps < step:
         parser.error(f"argument --max_steps: {args.max_steps} is before the checkpoint's step {step}; "
                      f"pass --max_steps {step} or more")

@@ -205,9 +205,14 @@ def train(args) -> Path:
         log("warning: no validation blocks (corpus too small for --val_fraction); eval_loss stays empty")
     max_steps = cfg["max_steps"] or max(1, math.ceil(cfg["epochs"] * n_main / per_step))
     cfg["max_steps"] = max_steps
+    resume = Path(cfg["resume"]) if cfg["resume"] else None
+    resumed_at = ckpt_io.checkpoint_step(resume) if resume else 0
+    if resumed_at > max_steps:  # only --epochs can get here: cli checked --max_steps against the checkpoint
+        sys.exit(f"zo-train: error: argument --epochs: {cfg['epochs']} epochs end at step {max_steps}, before "
+                 f"the checkpoint's step {resumed_at} (epoch {resumed_at * per_step / n_main:.2f}); pass "
+                 f"more epochs or --max_steps {resumed_at} or more")
 
     # ---- model and the trained parameters
-    resume = Path(cfg["resume"]) if cfg["resume"] else None
     model = build_model(cfg["model_size"], model_name_or_path=str(resume) if resume else cfg["model_name_or_path"],
                         dropout=cfg["dropout"], seed=cfg["seed"]).to(device)
     model.eval()
@@ -266,6 +271,9 @@ def train(args) -> Path:
         if ranks.main:
             truncate_csv(csv_path, start)
         log(f"resumed from {resume} at step {start}")
+        if start == max_steps:
+            log(f"nothing to train: the checkpoint is at the run's last step, {start}; "
+                "pass a larger --max_steps or --epochs to go on")
     if ranks.world > 1:
         log(f"data parallel: {ranks.world} ranks, each evaluates its 1/{ranks.world} of every batch")
     if ranks.main:
