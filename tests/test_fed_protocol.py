@@ -129,6 +129,19 @@ def test_each_malformed_reply_is_rejected_with_its_reason(kind, reason):
     assert got is not None and reason in got, got
 
 
+@pytest.mark.parametrize("kind", sorted(protocol.FAULTS))
+def test_each_injected_fault_is_refused_by_the_server(kind):
+    """The faults ``run.py --fault`` injects must each be caught, or a loopback run that names
+    one shows nothing."""
+    wire = good_reply().to_config()
+    protocol.FAULTS[kind](wire, 2)
+    try:
+        reason = validate_reply(TrainReply.from_config(wire), spec())
+    except ValueError as e:  # refused already in decoding the wire form
+        reason = str(e)
+    assert reason is not None
+
+
 def test_duplicates_and_bounds():
     assert validate_reply(good_reply(), spec(), seen={1}) == "client id 1 already replied in round 2"
     assert validate_reply(good_reply(), spec(), seen={0}) is None

@@ -16,8 +16,6 @@ Test hook: node-config ``fault="ROUND:KIND"`` corrupts this client's reply in th
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -113,21 +111,8 @@ def _out_of_sync_reply(msg: Message, context: Context, cid: int, reason: str) ->
 
 def _inject_fault(context: Context, round_: int, cfg: dict) -> dict:
     spec = str(context.node_config.get("fault", ""))
-    if not spec or int(spec.split(":")[0]) != round_:
-        return cfg
-    kind = spec.split(":")[1]
-    if kind == "nan":
-        g = protocol.floats_from_bytes(cfg["grads"])
-        g[0] = math.nan
-        cfg["grads"] = protocol.floats_to_bytes(g)
-    elif kind == "stale":
-        cfg["round"] = round_ - 1
-    elif kind == "seeds":
-        s = protocol.seeds_from_bytes(cfg["seeds"])
-        s[-1] ^= 1
-        cfg["seeds"] = protocol.seeds_to_bytes(s)
-    elif kind == "short":
-        cfg["grads"] = cfg["grads"][:-4]
+    if spec and int(spec.split(":")[0]) == round_:
+        protocol.FAULTS[spec.split(":")[1]](cfg, round_)
     return cfg
 
 

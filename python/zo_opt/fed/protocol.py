@@ -122,6 +122,32 @@ class TrainReply:
                    train_loss=float(get("train-loss", (int, float)) if "train-loss" in cfg else math.nan))
 
 
+# ------------------------------------------------------------------ faults (a test hook)
+def _nan_grad(cfg: dict, round_: int) -> None:
+    g = floats_from_bytes(cfg["grads"])
+    g[0] = math.nan
+    cfg["grads"] = floats_to_bytes(g)
+
+
+def _stale_round(cfg: dict, round_: int) -> None:
+    cfg["round"] = round_ - 1
+
+
+def _flipped_seed(cfg: dict, round_: int) -> None:
+    s = seeds_from_bytes(cfg["seeds"])
+    s[-1] ^= 1
+    cfg["seeds"] = seeds_to_bytes(s)
+
+
+def _short_grads(cfg: dict, round_: int) -> None:
+    cfg["grads"] = cfg["grads"][:-4]
+
+
+# Each corrupts a reply's wire form (``TrainReply.to_config()``, in place) in one way the server
+# must refuse: a client's node-config ``fault="ROUND:KIND"`` and ``run.py --fault`` name them.
+FAULTS = {"nan": _nan_grad, "stale": _stale_round, "seeds": _flipped_seed, "short": _short_grads}
+
+
 # ------------------------------------------------------------------ validation
 @dataclass(frozen=True)
 class RoundSpec:

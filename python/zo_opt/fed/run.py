@@ -29,10 +29,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from .app import write_app_dir
+from .protocol import FAULTS
 from .task import FedConfig
 
 CONNECTION = "loopback"
-FAULTS = ("nan", "stale", "seeds", "short")  # client_app._inject_fault's kinds
 
 
 def free_port() -> int:
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="logs, app dir and FLWR_HOME (default: a temporary folder)")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--fault", action="append", default=[], metavar="CLIENT:ROUND:KIND",
-                    help="make a client send a malformed reply (nan, stale, seeds, short), to see it rejected")
+                    help=f"make a client send a malformed reply ({', '.join(FAULTS)}), to see it rejected")
     args = vars(ap.parse_args(argv))
     workdir, timeout, faults = args.pop("workdir"), args.pop("timeout"), args.pop("fault")
     try:
