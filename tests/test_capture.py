@@ -44,6 +44,7 @@ def test_capturable_resume_restores_the_device_step():
     saved = p.clone()
     opt.step(closure)
     after_two = p.clone()
+    assert not torch.equal(after_two, saved)  # the second step moved p: there is a step to replay
     p.copy_(saved)
     again = ZOOptimizer([p], lr=0.05, q=2, seed=99, capturable=True)
     again.load_state_dict(sd)
@@ -59,6 +60,13 @@ def test_capturable_resume_restores_the_device_step():
 def test_capturable_refuses_what_needs_the_host(kwargs, words):
     with pytest.raises(ValueError, match=words):
         ZOOptimizer([torch.zeros(3)], capturable=True, **kwargs)
+
+
+def test_capturable_refuses_params_on_two_devices_without_a_gpu():
+    """The same check on this machine: a meta-device group beside a CPU one."""
+    with pytest.raises(ValueError, match=r"one device; got \['cpu', 'meta'\]"):
+        ZOOptimizer([{"params": [torch.zeros(3)]}, {"params": [torch.zeros(3, device="meta")]}],
+                    capturable=True)
 
 
 def test_capturable_refuses_params_on_two_devices():

@@ -64,11 +64,19 @@ def test_kernel_file_compiles_with_plain_nvcc(source, arch, tmp_path):
 
 
 def test_no_fast_math_anywhere():
-    """NOISE.md forbids fast-math approximations: no flag, no intrinsic."""
-    banned_flags = ("use_fast_math", "ftz=true", "prec-div=false", "prec-sqrt=false")
+    """NOISE.md forbids fast-math approximations: no flag, no intrinsic. The CPU kernels too:
+    no -ffast-math / -Ofast flag, and no fast-math optimize pragma or attribute in csrc/."""
+    banned_flags = ("use_fast_math", "ftz=true", "prec-div=false", "prec-sqrt=false",
+                    "-ffast-math", "-Ofast", "-funsafe-math-optimizations")
     for path in (ROOT / "setup.py", ROOT / "python" / "zo_opt" / "_extension.py"):
         text = path.read_text()
         assert not any(flag in text for flag in banned_flags), path
+    sources = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".cuh")]
+    assert any(p.parent.name == "cpu" for p in sources), "no CPU sources found under csrc/"
+    banned_pragmas = ('"fast-math"', '"Ofast"', '"unsafe-math-optimizations"', "-ffast-math")
+    for path in sources:
+        text = path.read_text()
+        assert not any(word in text for word in banned_pragmas), path
     banned_calls = ("__logf(", "__sinf(", "__cosf(", "__sincosf(", "__expf(", "__fdividef(")
     for path in [ROOT / "csrc" / "zo_noise.h", *CUDA_DIR.iterdir()]:
         text = path.read_text()

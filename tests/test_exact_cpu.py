@@ -141,9 +141,11 @@ def test_central_schedule_restores_every_bit(dtype, distribution):
         table = exact.build_table(params, offsets, exact.tau(EPS, distribution))
         s1, s2 = SEEDS[step], SEEDS[step + 1]
         passes = schedule(s1, s2)[:-1] + [([s2], [1.0, -EPS], 1, False)]  # lr = 0: back to theta
-        for seeds, scales, n_old, encode in passes:
+        for k, (seeds, scales, n_old, encode) in enumerate(passes):
             cpu_pass(params, offsets, seeds, scales, n_old, codes, code_base, table, encode,
                      None, distribution)
+            if k == 0:  # displaced: a pass that left theta alone would "restore" it too
+                assert not all(torch.equal(int_view(a), int_view(b)) for a, b in zip(start, params))
         for a, b in zip(start, params):
             assert torch.equal(int_view(a), int_view(b))  # NaN payloads included
 
@@ -156,8 +158,22 @@ def test_exception_path_restores_from_any_point(distribution):
     offsets, code_base, n = layout(params)
     codes = torch.zeros(n, dtype=torch.int8)
     table = exact.build_table(params, offsets, exact.tau(EPS, distribution))
+
+    def displaced():
+        return not all(torch.equal(int_view(a), int_view(b)) for a, b in zip(start, params))
+
+    # +eps z_5 -> nothing
     cpu_pass(params, offsets, [5], [1.0, EPS], 0, codes, code_base, table, True, None, distribution)
+    assert displaced()
     cpu_pass(params, offsets, [5], [1.0, EPS], 1, codes, code_base, table, False, None, distribution)
+    for a, b in zip(start, params):
+        assert torch.equal(int_view(a), int_view(b))
+    # -eps z_5 (reached as the central schedule does, through +eps z_5) -> nothing
+    cpu_pass(params, offsets, [5], [1.0, EPS], 0, codes, code_base, table, True, None, distribution)
+    cpu_pass(params, offsets, [5, 5], [1.0, EPS, -EPS], 1, codes, code_base, table, True, None,
+             distribution)
+    assert displaced()
+    cpu_pass(params, offsets, [5], [1.0, -EPS], 1, codes, code_base, table, False, None, distribution)
     for a, b in zip(start, params):
         assert torch.equal(int_view(a), int_view(b))
 
@@ -186,9 +202,11 @@ def test_float32_ignores_stochastic_rounding():
     offsets, code_base, n = layout(a)
     codes = torch.zeros(n, dtype=torch.int8)
     table = exact.build_table(a, offsets, exact.tau(EPS, "gaussian"))
+    start = a[0].clone()
     cpu_pass(a, offsets, [3, 4], [0.99, 1e-3, -2e-3], 0, codes, code_base, table, False, 17, "gaussian")
     cpu_pass(b, offsets, [3, 4], [0.99, 1e-3, -2e-3], 0, codes, code_base, table, False, None, "gaussian")
     assert torch.equal(int_view(a[0]), int_view(b[0]))
+    assert (int_view(a[0]) != int_view(start)).float().mean() > 0.9  # the update was applied
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -306,3 +324,49 @@ def test_isa_paths_agree_bit_for_bit():
         assert res.returncode == 0, res.stderr[-2000:]
         outs[isa] = res.stdout
     assert outs["baseline"] == outs["avx2"] == outs[""]
+
+
+ISA_PROBE = r"""
+#include <cstdio>
+#include "cpu/cpu_noise.h"
+int main() { std::printf("%d\n", pick_isa()); }
+"""
+
+
+def test_isa_cap_selects_each_clone(tmp_path):
+    """The run above compares three clones only if ZO_OPT_CPU_ISA picks them: were the cap
+    ignored, its three runs would take one clone and agree with themselves. The kernels'
+    own selector (cpu_noise.h's pick_isa), compiled from the same header with g++, must give
+    AVX-512 (2), AVX2 (1) and baseline (0) as this CPU allows."""
+    import platform
+    import shutil
+    from pathlib import Path
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    if platform.machine() != "x86_64" or not Path("/proc/cpuinfo").is_file():
+        pytest.skip("the ISA clones are x86-64 only (flags read from /proc/cpuinfo)")
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    has_v3 = {"avx2", "fma"} <= flags
+    has_v4 = has_v3 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    root = Path(__file__).resolve().parents[1] / "csrc"
+    (tmp_path / "probe.cpp").write_text(ISA_PROBE)
+    exe = tmp_path / "probe"
+    build = subprocess.run([compiler, "-std=c++17", "-O1", f"-I{root}", str(tmp_path / "probe.cpp"),
+                            "-o", str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    picked = {}
+    for isa in ("", "avx2", "baseline"):
+        env = {k: v for k, v in os.environ.items() if k != "ZO_OPT_CPU_ISA"}
+        if isa:
+            env["ZO_OPT_CPU_ISA"] = isa
+        picked[isa] = int(subprocess.run([str(exe)], env=env, capture_output=True, text=True,
+                                         check=True).stdout)
+    widest = 2 if has_v4 else 1 if has_v3 else 0
+    assert picked == {"": widest, "avx2": min(widest, 1), "baseline": 0}, (picked, widest)
+

@@ -78,24 +78,26 @@ def test_runner_checks_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(cuda_mod.torch, "ops", Ops)
     params = [torch.zeros(130), torch.zeros(5)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="offset 64 is not a multiple of 128"):
         cuda_mod.BACKEND.prepare_exact(params, [0, 64])
     run = cuda_mod.BACKEND.prepare_exact(params, [256, 512])
     table = exact.Table(chunk_base=torch.zeros(5, dtype=torch.int32), bits=torch.zeros(1, dtype=torch.int32),
                         tau=0.5, count=0)
     codes = torch.zeros(512, dtype=torch.int8)
     seeds, scales = torch.zeros(2, dtype=torch.int64), torch.zeros(3)
-    with pytest.raises(ValueError):  # encode with rounding
+    # each check named by its message: a bare ValueError let another check stand in for a
+    # missing one (code_base 3 also fails the codes' coverage)
+    with pytest.raises(ValueError, match="encode needs round-to-nearest"):  # encode with rounding
         run(seeds, scales[:2], 0, codes, 256, table, True, True, "rademacher")
-    with pytest.raises(ValueError):  # code_base not 128-aligned
+    with pytest.raises(ValueError, match="code_base 3 is not a multiple of 128"):
         run(seeds, scales, 1, codes, 3, table, True, False, "rademacher")
-    with pytest.raises(ValueError):  # seeds do not fit
+    with pytest.raises(ValueError, match="2 seeds and 3 scales do not fit n_old=1, rounding=True"):
         run(seeds, scales, 1, codes, 256, table, False, True, "rademacher")
-    with pytest.raises(ValueError):  # codes too short for [256, 640)
+    with pytest.raises(ValueError, match=r"codes \[256, 356\) do not cover .* \[256, 640\)"):
         run(seeds, scales, 1, codes[:100], 256, table, True, False, "rademacher")
-    with pytest.raises(ValueError):  # codes start after the first offset
+    with pytest.raises(ValueError, match=r"codes \[384, 896\) do not cover .* \[256, 640\)"):
         run(seeds, scales, 1, codes, 384, table, True, False, "rademacher")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Invalid distribution: 'uniform'"):
         run(seeds, scales, 1, codes, 256, table, True, False, "uniform")
     assert not launched
     run(seeds, scales, 1, codes, 256, table, True, False, "rademacher")
@@ -109,10 +111,17 @@ def test_runner_checks_without_a_gpu(monkeypatch):
 
 @pytest.fixture(scope="module")
 def cuda():
+    """Skips only where the backend cannot be built (as test_cuda_backend.py's fixture): on a
+    GPU with torch's CUDA and nvcc an unavailable backend is a failure, not a quiet skip."""
     backend = backends.BACKENDS["cuda"]
     reason = backend.unavailable_reason()
     if reason is not None:
-        pytest.skip(f"cuda backend unavailable: {reason}")
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        nvcc = shutil.which("nvcc") or (CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file())
+        if torch.version.cuda is None or not nvcc or not torch.cuda.is_available():
+            pytest.skip(f"cuda backend unavailable: {reason}")
+        pytest.fail(f"a GPU and nvcc are here, but the cuda backend is unavailable: {reason}")
     return backend
 
 

@@ -108,14 +108,25 @@ def test_optimizer_builds_its_table_with_its_backend(monkeypatch):
     """The optimizer's step takes the table from its backend's passes, not the reference's."""
     if "cpu" not in zo_opt.available_backends():
         pytest.skip("the C++ CPU backend is not built")
-    calls = []
+    calls, counted = [], []
     monkeypatch.setattr(exact, "count_special_", lambda *a: calls.append(a))
+    cpu = type(zo_opt.backends.BACKENDS["cpu"])
+    real_count = cpu.count_special_
+
+    def count_spy(params, *args):
+        counted.append(len(params))
+        return real_count(params, *args)
+
+    # the cpu backend's own pass must run: no calls to the reference alone would also hold for
+    # a table built by another backend's copy of the reference passes (the torch backend's)
+    monkeypatch.setattr(cpu, "count_special_", staticmethod(count_spy))
     model = torch.nn.Linear(8, 4).to(torch.bfloat16)
     opt = zo_opt.ZOOptimizer(model.parameters(), q=1, lr=0.0, backend="cpu", exact=True)
     before = [p.clone() for p in model.parameters()]
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     opt.step(lambda: model(x).float().square().mean())
     assert calls == []
+    assert sum(counted) == 2  # the group's two params counted once, by the cpu backend
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

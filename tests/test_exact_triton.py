@@ -188,23 +188,32 @@ def test_gaussian_stochastic_rounding_close(dtype):
 def test_backend_and_checks():
     params = [torch.zeros(130, device=device())]
     assert hasattr(BACKENDS["triton"], "prepare_exact")
-    with pytest.raises(ValueError):
-        kernel.prepare_exact(params, [64])  # offsets must be 128-aligned
+    with pytest.raises(ValueError, match="offset 64 is not a multiple of 128"):
+        kernel.prepare_exact(params, [64])
     run = kernel.prepare_exact(params, [0])
     table = exact.build_table(params, [0], exact.tau(EPS, "rademacher"))
     codes = torch.zeros(256, dtype=torch.int8, device=device())
     seeds = torch.tensor([1, 2], dtype=torch.int64, device=device())
     scales = torch.tensor([1.0, EPS], device=device())
-    with pytest.raises(ValueError):  # encode with stochastic rounding
+    with pytest.raises(ValueError, match="encode needs round-to-nearest"):
         run(seeds, scales, 0, codes, 0, table, True, True, "rademacher")
-    with pytest.raises(ValueError):  # code_base not 128-aligned
+    with pytest.raises(ValueError, match="code_base 3 is not a multiple of 128"):
         run(seeds[:1], scales, 0, codes, 3, table, True, False, "rademacher")
 
 
-def test_prepared_list_uses_the_kernel():
-    """functional.Prepared(backend="triton").exact_pass_ matches backend="torch"."""
+def test_prepared_list_uses_the_kernel(monkeypatch):
+    """functional.Prepared(backend="triton").exact_pass_ runs the kernel's runner (not a
+    fallback: matching the reference alone would not tell) and matches backend="torch"."""
     from zo_opt import functional
 
+    prepared = []
+    real_prepare = kernel.prepare_exact
+
+    def spy(params, offsets):
+        prepared.append([p.data_ptr() for p in params])
+        return real_prepare(params, offsets)
+
+    monkeypatch.setattr(kernel, "prepare_exact", spy)
     sizes = (300, 5)
     a = make_params(sizes, [torch.bfloat16, torch.float32], seed=7)
     b = [p.clone() for p in a]
@@ -219,6 +228,9 @@ def test_prepared_list_uses_the_kernel():
             seeds, scales, 0, codes, base, table, encode=True, rounding=False,
             distribution="rademacher")
     assert all(same_bits(x, y) for x, y in zip(a, b)) and torch.equal(ca, cb)
+    # the triton list went through zo_kernels.exact (in one runner or one per work item)
+    assert sorted(x for call in prepared for x in call) == sorted(p.data_ptr() for p in a)
+    assert not all(same_bits(x, y) for x, y in zip(a, make_params(sizes, [torch.bfloat16, torch.float32], seed=7)))
 
 
 # --- compilation ---------------------------------------------------------------------------

@@ -140,6 +140,10 @@ def test_each_injected_fault_is_refused_by_the_server(kind):
     except ValueError as e:  # refused already in decoding the wire form
         reason = str(e)
     assert reason is not None
+    # and for the fault's own reason, not another check's
+    why = {"nan": "non-finite projected gradients at [0]", "stale": "stale round",
+           "seeds": "does not match the derivation", "short": "wrong length: 5 projected gradients"}
+    assert set(why) == set(protocol.FAULTS) and why[kind] in reason, reason
 
 
 def test_duplicates_and_bounds():
@@ -223,6 +227,8 @@ def test_catch_up_from_records_is_bit_identical(opt):
         protocol.apply_round(server, update, opt, state)
         history.append(update, protocol.params_hash(server))
     assert opt.name != "adam" or state["t"] == 4
+    # every round moved the global model: a catch-up that stands still would match otherwise
+    assert len(set(history.hashes)) == len(history.hashes)
 
     def catch_up(params, st, start):
         cfg = protocol.catchup_to_config(history.since(start))  # through the wire form
@@ -241,6 +247,43 @@ def test_catch_up_from_records_is_bit_identical(opt):
     assert protocol.params_hash(mid) == history.hashes[2]
     catch_up(mid, mid_state, 2)
     assert all(torch.equal(a, b) for a, b in zip(mid, server))
+
+
+def test_server_optimizers_apply_what_they_name():
+    """sgd with a server lr moves theta by lr times the FedAvg delta; adam is torch's Adam
+    (betas, eps = tau, bias corrections) stepping along that delta (its gradient is -delta).
+    The catch-up test compares apply_round with itself: this checks what it computes."""
+    theta0 = params0()
+    updates = []
+    server = [p.clone() for p in theta0]
+    for r in range(1, 4):
+        updates.append(protocol.aggregate(r, [local(server, r, c)[1] for c in range(2)]))
+        protocol.apply_round(server, updates[-1], protocol.ServerOpt(), {})
+
+    def delta(update):
+        d = [torch.zeros_like(p) for p in theta0]
+        protocol.apply_round(d, update, protocol.ServerOpt(), {})
+        return d
+
+    half = [p.clone() for p in theta0]
+    protocol.apply_round(half, updates[0], protocol.ServerOpt(lr=0.5), {})
+    for h, p0, d in zip(half, theta0, delta(updates[0])):
+        assert d.abs().max() > 0
+        torch.testing.assert_close(h, p0 + 0.5 * d, rtol=0, atol=1e-6)
+
+    opt = protocol.ServerOpt("adam", lr=1e-2)
+    ours = [p.clone() for p in theta0]
+    state = protocol.new_opt_state(ours, opt)
+    ref = [p.clone() for p in theta0]
+    adam = torch.optim.Adam(ref, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.tau)
+    for u in updates:
+        protocol.apply_round(ours, u, opt, state)
+        for p, d in zip(ref, delta(u)):
+            p.grad = -d
+        adam.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all(not torch.equal(a, p0) for a, p0 in zip(ours, theta0))
 
 
 def test_history_and_wire_errors():

@@ -201,6 +201,10 @@ def test_every_mode_and_scope(base, mode, scope):
     assert all(torch.isfinite(torch.tensor(float(x["loss"]))) for x in r[1:])
     log = (run / "train.log").read_text()
     assert "training" in log and "parameters" in log
+    # the tiny model (2 blocks of 12 tensors, wte, wpe, ln_f's 2): full trains its 28 tensors;
+    # reduced the last block's ln_2 and MLP (6), ln_f (2) and the head, tied to wte (1)
+    tensors = {"full": 2 + 12 * 2 + 2, "reduced": 6 + 2 + 1}[scope]
+    assert f"scope {scope}: training " in log and f"({tensors} tensors)" in log, log
 
 
 @pytest.mark.parametrize("opt", ["adam", "mudamw"])
@@ -236,6 +240,47 @@ def test_zo_with_adam_matches_the_estimate(tiny_model):
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt", ["adam", "mudamw"])
+def test_zo_with_a_torch_optimizer_hands_it_the_estimate(base, monkeypatch, opt):
+    """The trainer's own path (--mode ZO --optimizer adam/mudamw): at each step the torch
+    optimizer finds in .grad exactly (1/q) sum_i g_i z_i of that step's record, rebuilt here
+    from the seeds with the reference backend (not accumulated over steps, not scaled
+    otherwise, signed as a gradient). The test above checks the identity on its own copy of
+    the code; this one spies on the trainer."""
+    from zo_opt import ZOOptimizer, functional as F
+    from zo_opt.train import optim as train_optim
+
+    records, handed = [], []
+    real_zo_step = ZOOptimizer.step
+
+    def zo_step(self, closure=None):
+        out = real_zo_step(self, closure)
+        records.append((self.last_record, list(self._params())))
+        return out
+
+    torch_opt_cls = torch.optim.AdamW if opt == "adam" else train_optim.MuDAMW
+    real_opt_step = torch_opt_cls.step
+
+    def opt_step(self, *args, **kwargs):
+        handed.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                       if p.grad is not None})
+        return real_opt_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZOOptimizer, "step", zo_step)
+    monkeypatch.setattr(torch_opt_cls, "step", opt_step)
+    main(base + ["--mode", "ZO", "--optimizer", opt, "--q", "2", "--max_steps", "2", "--eval_interval", "0",
+                 "--disable_checkpoint", "--no-plot", "--learning_rate", "1e-3"])
+    assert len(records) == len(handed) == 2
+    for (rec, params), grads in zip(records, handed):
+        assert torch.isfinite(rec.grads).all() and rec.grads.abs().max() > 0
+        want = [torch.zeros_like(p) for p in params]
+        F.zo_update_(want, rec.seeds, rec.grads / rec.q, distribution=rec.distribution, backend="torch")
+        tol = 2e-5 * rec.grads.abs().sum().item() / rec.q + 1e-7  # z within 2e-5 of the reference
+        for p, w in zip(params, want):
+            got = grads[id(p)]
+            assert got.shape == w.shape and (got - w).abs().max().item() <= tol
 
 
 def test_instruct_scale_does_not_depend_on_grad_norm(tiny_model):
