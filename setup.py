@@ -26,6 +26,13 @@ class BuildPyWithSources(build_py):
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("*.o", "__pycache__"))
 
+    def get_source_files(self):
+        """csrc/ too: the sdist takes these, and a wheel built from the sdist (`python -m build`)
+        ships only what the sdist has, where setuptools alone would leave out every header."""
+        return super().get_source_files() + [
+            p.relative_to(ROOT).as_posix() for p in sorted(CSRC.rglob("*"))
+            if p.is_file() and p.suffix != ".o" and "__pycache__" not in p.parts]
+
 
 def cuda_arch_list():
     """TORCH_CUDA_ARCH_LIST if set, else the local GPUs' architectures, else 8.0 and 9.0."""

@@ -14,7 +14,9 @@
 # loss; the clients' final hashes), global.pt, records.pt; logs in $OUT/work/logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+# PYTHON as in the other scripts (PY, its old name, still works); default: the checkout's .venv
+PY=${PYTHON:-${PY:-.venv/bin/python}}
+command -v "$PY" >/dev/null || { echo "federated.sh: no $PY; set PYTHON to a python with zo-opt[fed,train]" >&2; exit 2; }
 OUT=${OUT:-runs/federated}
 mkdir -p "$OUT"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1

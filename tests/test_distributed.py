@@ -77,3 +77,42 @@ def test_unseeded_ranks_share_rank_zeros_seed(tmp_path):
     ranks = run_two_ranks(tmp_path, seed=None)
     assert ranks[0]["seed"] == ranks[1]["seed"]
     assert torch.equal(ranks[0]["w"], ranks[1]["w"])
+
+
+# -- zo-train's launch checks (zo_opt.train.parallel.setup), before any process group -----------
+
+@pytest.fixture
+def no_group(monkeypatch):
+    """setup() must refuse before joining: a rank that cannot run would otherwise fail deep in
+    the rendezvous or NCCL, or leave its peers waiting on it."""
+    def joined(*args, **kwargs):
+        raise AssertionError("init_process_group called before the launch was checked")
+    monkeypatch.setattr(dist, "init_process_group", joined)
+    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_world_size_without_torchrun_names_the_launcher(monkeypatch, no_group):
+    from zo_opt.train import parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # left over from another launcher, say
+    with pytest.raises(SystemExit) as e:
+        parallel.setup("cpu")
+    assert "WORLD_SIZE=2" in str(e.value) and "RANK" in str(e.value), e.value
+    assert "torchrun --nproc_per_node" in str(e.value) and "unset WORLD_SIZE" in str(e.value)
+
+
+def test_more_ranks_on_a_node_than_gpus_names_nproc_per_node(monkeypatch, no_group):
+    from zo_opt.train import parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        parallel.setup("auto")
+    assert "local rank 1" in str(e.value) and "1 CUDA device" in str(e.value), e.value
+    assert "--nproc_per_node 1" in str(e.value) and "--device cpu" in str(e.value)

@@ -27,7 +27,7 @@ Blend, lambda = ``--instruct_bp_weight`` on steps that took a fresh BP gradient,
 
 Every term is a ratio of quantities linear in the loss, so multiplying the loss (hence g and
 every g_i) by k > 0 leaves the update unchanged: its scale does not depend on |g|
-(tests/test_train_modes.py checks this). With ``--optimizer adam|mudamw`` the unit-RMS vector
+(tests/test_instruct.py checks this). With ``--optimizer adam|mudamw`` the unit-RMS vector
 ``sqrt(d) D / |D|`` is written into ``.grad`` and the torch optimizer steps.
 
 Cost per step: 2q forwards (+1 forward and backward on BP steps); each perturbation is one
@@ -42,14 +42,23 @@ import torch
 from .. import functional as F
 from ..noise import direction_seed
 
+
 class Instruct:
     def __init__(self, params, *, lr, q, eps, cosine=0.9, bp_weight=0.5, distribution="gaussian",
                  seed=0, backend="auto", torch_optimizer=None):
+        # q = 0 would apply a NaN update before failing, a cosine past 1 fail mid-step
+        for name, value, ok, want in (("q", q, q >= 1, "an int >= 1"), ("eps", eps, eps > 0, "> 0"),
+                                      ("lr", lr, lr >= 0, ">= 0"),
+                                      ("cosine", cosine, 0 <= cosine <= 1, "in [0, 1]"),
+                                      ("bp_weight", bp_weight, 0 <= bp_weight <= 1, "in [0, 1]")):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {value!r}")
         self.params, self.lr, self.q, self.eps = list(params), lr, q, eps
         self.c, self.lam, self.distribution, self.seed, self.backend = cosine, bp_weight, distribution, seed, backend
         self.torch_optimizer = torch_optimizer
         self.d = sum(p.numel() for p in self.params)
         self.ghat: list[torch.Tensor] | None = None
+        self.refused_norm: float | None = None  # |g| of the last gradient, if set_gradient refused it
         self.last_grads = None  # the g_i of the last step
 
     def _noise(self, seeds, coeffs, self_scale=1.0):
@@ -59,15 +68,20 @@ class Instruct:
         """Keep gh = g / |g| (reusing the gradient buffers); return |g|."""
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
         if not math.isfinite(norm) or norm == 0:
+            self.refused_norm = norm
             return norm
         torch._foreach_div_(grads, norm)
-        self.ghat = grads
+        self.ghat, self.refused_norm = grads, None
         return norm
 
     @torch.no_grad()
     def step(self, t: int, closure, fresh_bp: bool) -> torch.Tensor:
         """One step at step index t; closure(i) returns the loss of query i's batch."""
         if self.ghat is None:
+            if self.refused_norm is not None:
+                raise RuntimeError(f"Instruct.step: no BP gradient accepted yet, the last one was "
+                                   f"non-finite or zero (|g| = {self.refused_norm}); check the "
+                                   "model's loss on its BP batch")
             raise RuntimeError("Instruct.step before any BP gradient (call set_gradient first)")
         q, eps, c, d = self.q, self.eps, self.c, self.d
         alpha, beta = eps * c * math.sqrt(d), eps * math.sqrt(1 - c * c)
@@ -95,7 +109,7 @@ class Instruct:
         a = c * math.sqrt(d) * g.mean().item()
         b = (math.sqrt(1 - c * c) * g / q).tolist()
         v_norm = math.sqrt(a * a + d * sum(x * x for x in b))
-        lam = self.lam if fresh_bp else 0.0
+        lam = self.lam if fresh_bp and self.refused_norm is None else 0.0  # a refused g kept the old gh
         if v_norm > 0:
             coef_g, coef_z = lam + (1 - lam) * a / v_norm, [(1 - lam) * x / v_norm for x in b]
         else:

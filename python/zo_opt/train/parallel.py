@@ -9,6 +9,7 @@ CSV rows, checkpoints and plots.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +61,19 @@ def setup(device_flag: str) -> tuple[Ranks, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks(), device_flag
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        sys.exit(f"zo-train: error: WORLD_SIZE={world} is set but {', '.join(missing)} "
+                 f"{'is' if len(missing) == 1 else 'are'} not: start data-parallel runs with "
+                 "torchrun --nproc_per_node N -m zo_opt.train ..., or unset WORLD_SIZE for one process")
     use_cuda = device_flag != "cpu" and torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        sys.exit(f"zo-train: error: torchrun started local rank {local} but this node has {n} CUDA "
+                 f"device(s), one a rank: use --nproc_per_node {n}, or --device cpu")
     dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device_flag = f"cuda:{local}"
     return Ranks(dist.get_rank(), dist.get_world_size()), device_flag
