@@ -507,6 +507,39 @@ def test_jsonl_with_a_utf8_bom_reads(tmp_path):
     assert data.read_documents(str(tmp_path)) == ["caf\u00e9 \U0001f680", "two"]
 
 
+def test_a_missing_train_extra_is_named_before_anything_runs(monkeypatch, tmp_path):
+    """After a plain `pip install .` (no [train] extra) zo-train died of a ModuleNotFoundError
+    for tqdm at its first log line, and zo-plot for matplotlib, each as a traceback."""
+    import importlib.util
+
+    import zo_opt.train
+    from zo_opt import plot
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tqdm", "matplotlib") else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        zo_opt.train.main(["--max_steps", "1", "--log_dir", str(tmp_path)])
+    assert str(e.value.code) == "zo-train: error: tqdm, matplotlib not installed: pip install 'zo-opt[train]'"
+    assert not any(tmp_path.iterdir())  # no run folder begun
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path)])
+    assert str(e.value.code) == "zo-plot: error: matplotlib not installed: pip install 'zo-opt[train]'"
+
+
+def test_the_trainer_caches_where_the_kernels_do(monkeypatch, tmp_path):
+    """One cache folder and one variable for zo_opt: the blocks went to ~/.cache/zo-opt, the
+    kernels to ~/.cache/zo_opt."""
+    from zo_opt import _extension
+
+    monkeypatch.delenv("ZO_OPT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.cache_root() == _extension.cache_root() == tmp_path / ".cache" / "zo_opt"
+    monkeypatch.setenv("ZO_OPT_CACHE", str(tmp_path / "elsewhere"))
+    assert data.cache_root() == _extension.cache_root() == tmp_path / "elsewhere"
+    assert data.cache_root(str(tmp_path / "flag")) == tmp_path / "flag"
+
+
 def test_flags_this_machine_or_model_cannot_honour_one_line_error(tiny_model, tmp_path, capsys):
     """Each failed with a traceback after the data was read (model.to, the optimizer, the
     first forward's position embedding, from_pretrained)."""

@@ -25,12 +25,18 @@ import torch
 
 _PACKAGE = Path(__file__).resolve().parent
 FORCE_JIT_ENV = "ZO_OPT_FORCE_JIT"  # "1": skip the ahead-of-time module (tests use it)
-CACHE_ENV = "ZO_OPT_CACHE"  # where first-use builds go (default ~/.cache/zo_opt)
+CACHE_ENV = "ZO_OPT_CACHE"
 
 CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
 CUDA_FLAGS = ["-O3", "-std=c++17"]  # no fast math: NOISE.md needs precise logf/sincospif
 FIX = ("install a C++17 compiler with OpenMP (e.g. apt-get install g++) or point CXX at one, "
        "then start Python again; backend='torch' runs without it, about 10x slower")
+
+
+def cache_root() -> Path:
+    """zo_opt's cache (first-use builds, the trainer's tokenized blocks): $ZO_OPT_CACHE, else
+    ~/.cache/zo_opt."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "zo_opt")
 
 
 def source_root() -> Path:
@@ -89,8 +95,7 @@ def _build_on_first_use() -> None:
     if shutil.which((compiler.split() or ["c++"])[0]) is None:
         raise BuildError(f"no C++ compiler: {compiler!r} is not on PATH (CXX names another); "
                          f"to fix: {FIX}")
-    cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "zo_opt"))
-    build_dir = cache / f"{kind}-{_digest(root, kind)}"
+    build_dir = cache_root() / f"{kind}-{_digest(root, kind)}"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

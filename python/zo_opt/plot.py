@@ -102,6 +102,9 @@ def main(argv=None):
     p.add_argument("-o", "--out", default=None, help="output folder (default: the only run's folder, else ./plots)")
     p.add_argument("--smooth", type=int, default=1, help="moving average window of the training loss")
     args = p.parse_args(argv)
+    from .train import require_extra
+
+    require_extra("zo-plot", ("matplotlib",))
     out = args.out or (args.runs[0] if len(args.runs) == 1 and Path(args.runs[0]).is_dir() else "plots")
     try:
         for path in plot_runs(args.runs, out, args.smooth):

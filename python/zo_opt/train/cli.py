@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split_dataset_for_bp_zo", action=B, default=False,
                    help="BP and ZO steps draw from disjoint halves of the training blocks")
     g.add_argument("--val_fraction", type=fraction, default=0.05, help="documents held out for validation (never trained on)")
-    g.add_argument("--cache_dir", default=None, help="tokenized-block cache (default: $ZO_OPT_CACHE or ~/.cache/zo-opt)")
+    g.add_argument("--cache_dir", default=None, help="tokenized-block cache (default: $ZO_OPT_CACHE or ~/.cache/zo_opt)")
 
     g = p.add_argument_group("zeroth-order")
     g.add_argument("--query_budget_q", "--q", dest="query_budget_q", type=positive_int, default=1,

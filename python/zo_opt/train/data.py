@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import _extension
+
 CACHE_VERSION = 1
 
 # old name -> (hub id, config name)
@@ -53,7 +55,7 @@ class DataError(RuntimeError):
 
 
 def cache_root(cache_dir=None) -> Path:
-    return Path(cache_dir or os.environ.get("ZO_OPT_CACHE") or Path.home() / ".cache" / "zo-opt")
+    return Path(cache_dir) if cache_dir else _extension.cache_root()
 
 
 # ---------------------------------------------------------------- tokenizer
