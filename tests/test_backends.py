@@ -310,3 +310,179 @@ def test_a_0d_coeffs_tensor_is_named():
         zo_update_([torch.zeros(3)], [1], torch.tensor(0.5))
     with pytest.raises(ValueError, match="scales is a 2-d tensor"):
         noise_axpby_([torch.zeros(3)], [1], torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_prepared_passes_write_the_tensors_they_were_prepared_on(backend):
+    """A param replaced after Prepared (``p.data = ...``, as model.to() does) is not followed:
+    every backend writes the storages it was prepared on, as the tables hold their addresses.
+    The Triton runner wrote the other tensors at the new tensor's address plus the old
+    distances (elsewhere in memory), the C++ and torch ones the new tensor at the old
+    offsets (a grown tensor took its neighbour's z)."""
+    params = [torch.zeros(200), torch.zeros(200)]
+    plan = zo_opt.functional.Prepared(params, backend=backend)
+    k = min((0, 1), key=lambda i: params[i].data_ptr())  # the Triton table's base pointer
+    old = params[k].data
+    params[k].data = torch.zeros(400)
+    plan.noise_axpby_([5], [1.0, 1.0])
+    want = reference([torch.zeros(200), torch.zeros(200)], [200, 200], [5], [1.0], "gaussian")
+    assert_matches([old, params[1 - k]] if k == 0 else [params[0], old], want, "gaussian")
+    assert not params[k].any() and not plan.matches(params)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_prepared_passes_check_their_arguments(backend):
+    """A Prepared pass names a bad distribution or seeds tensor on every backend (Triton
+    raised KeyError ('uniform', 4), a float seeds tensor was truncated, a 0-d one failed in
+    len())."""
+    p = torch.zeros(4)
+    plan = zo_opt.functional.Prepared([p], backend=backend)
+    with pytest.raises(ValueError, match="Invalid distribution: 'uniform'"):
+        plan.noise_axpby_([1], [1.0, 1.0], distribution="uniform")
+    with pytest.raises(ValueError, match="Invalid seeds: a torch.float32 tensor"):
+        plan.noise_axpby_(torch.tensor([1.7]), [1.0, 1.0])
+    with pytest.raises(ValueError, match="seeds is a 0-d tensor; pass a 1-d one"):
+        plan.noise_axpby_(torch.tensor(1), [1.0, 1.0])
+    assert not p.any()
+
+
+def test_integer_seeds_of_other_types_are_seeds():
+    """numpy integers and 0-d integer tensors are seeds (they were refused as not integers)."""
+    import numpy as np
+
+    want = [torch.zeros(300)]
+    zo_update_(want, [3, 2**64 - 1], [0.5, -1.0])
+    for seeds in ([np.int64(3), np.uint64(2**64 - 1)], [torch.tensor(3), 2**64 - 1],
+                  np.array([3, 2**64 - 1], dtype=np.uint64)):
+        got = [torch.zeros(300)]
+        zo_update_(got, seeds, [0.5, -1.0])
+        assert torch.equal(got[0], want[0])
+    a, b = ([torch.zeros(300, dtype=torch.bfloat16)] for _ in range(2))
+    perturb_(a, 3, 0.5)
+    zo_update_(a, [3], [1e-3], rounding_seed=2)
+    perturb_(b, np.int32(3), 0.5)
+    zo_update_(b, [np.int64(3)], [1e-3], rounding_seed=np.uint64(2))
+    assert torch.equal(a[0], b[0])
+
+
+def test_a_seed_where_a_list_is_expected_is_named():
+    for seeds in (3, "3"):
+        with pytest.raises(TypeError, match=r"seeds must be a list of seeds.*\[seed\]"):
+            zo_update_([torch.zeros(3)], seeds, [0.5])
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("base_offset", [-128, 128.0, 2**63])
+def test_offsets_out_of_range_are_refused_on_every_backend(backend, base_offset):
+    """A negative, fractional or too large base_offset gave another z on one backend and an
+    error on another (torch: indices below 0; cpu: its own op's message; triton: overflow)."""
+    p = torch.zeros(4)
+    with pytest.raises(ValueError, match="base_offset"):
+        perturb_([p], 1, 0.5, backend=backend, base_offset=base_offset)
+    with pytest.raises(ValueError, match=r"offsets\[1\]"):
+        zo_opt.functional.Prepared([p, p.clone()], backend=backend, offsets=[0, -128])
+    assert not p.any()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_rounding_seed_needs_a_128_aligned_base_offset(backend):
+    """The exact pass takes tensors on 128-element table chunks; torch's took any offset, the
+    C++ one said 'offset 0 must be a multiple of 128' for base_offset=64."""
+    p = torch.zeros(3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="base_offset 64 is not a multiple of 128"):
+        zo_update_([p], [1], [0.5], backend=backend, base_offset=64, rounding_seed=2)
+    assert not p.any()
+
+
+def test_complex_coeffs_are_refused():
+    """Their imaginary parts were dropped (with only torch's cast warning)."""
+    with pytest.raises(ValueError, match="coeffs is a torch.complex64 tensor"):
+        zo_update_([torch.zeros(3)], [1], torch.ones(1, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_params_sharing_memory_are_refused(backend):
+    """A tensor listed twice (tied weights from a state_dict) or overlapping views moved twice
+    a pass, with two directions, and raced on the parallel backends."""
+    w = torch.zeros(64, 4)
+    for params, (i, j) in (([w, w], (0, 1)), ([w[1:3], torch.zeros(3), w], (0, 2))):
+        with pytest.raises(ValueError, match=rf"params\[{i}\] and params\[{j}\] share memory"):
+            perturb_(params, 1, 0.5, backend=backend)
+    assert not w.any()
+    perturb_([w[:32], w[32:]], 1, 0.5, backend=backend)  # views side by side: fine
+
+
+def test_scales_and_coeffs_that_are_not_numbers_are_named():
+    """A bare TypeError from float() or len() named no argument; a generator of coeffs, which
+    has no len(), was refused."""
+    p = [torch.zeros(3)]
+    with pytest.raises(TypeError, match=r"coeffs must be a list of numbers or a 1-d tensor, not "
+                       r"float; for one seed pass \[coeff\]"):
+        zo_update_(p, [1], 0.5)
+    with pytest.raises(TypeError, match=r"coeffs\[1\] is None; pass real numbers"):
+        zo_update_(p, [1, 2], [0.5, None])
+    with pytest.raises(TypeError, match=r"scale is None; pass a real number"):
+        perturb_(p, 1, None)
+    with pytest.raises(TypeError, match=r"scales\[1\] is 'x'; pass real numbers"):
+        noise_axpby_(p, [1], [1.0, "x"])
+    assert not p[0].any()
+    want = [torch.zeros(3)]
+    zo_update_(want, [1, 2], [0.5, -0.25])
+    zo_update_(p, (s for s in [1, 2]), (c for c in [0.5, -0.25]))
+    assert torch.equal(p[0], want[0])
+
+
+def test_a_param_the_named_backend_cannot_run_is_named():
+    if "cpu" not in zo_opt.available_backends():
+        pytest.skip("the C++ extension is not built")
+    with pytest.raises(ValueError, match=r"params\[1\] is a torch.float64 tensor on cpu, which "
+                       r"backend 'cpu' does not support; use backend='auto' or 'torch'"):
+        perturb_([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], 0, 1.0, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_autograd_sees_the_passes_writes(backend):
+    """A tensor saved for backward and then moved by a pass makes backward() fail, as after
+    any in-place op: the C++ and Triton kernels write through pointers that autograd does not
+    see, and their passes left the version counter alone (a silently wrong gradient)."""
+    x = torch.ones(300, requires_grad=True)
+    for move in (lambda h: perturb_([h], 1, 0.5, backend=backend),
+                 lambda h: zo_update_([h], [1], [0.5], backend=backend, rounding_seed=3),
+                 lambda h: zo_opt.functional.Prepared([h], backend=backend).noise_axpby_(
+                     [1], [1.0, 0.5])):
+        h = x.clone()
+        out = (h * h).sum()
+        move(h)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+
+
+def test_a_backend_whose_module_failed_to_import_says_why(monkeypatch):
+    """The ImportError is kept: a triton present but not importable (another version) read as
+    'not installed' with nothing more."""
+    monkeypatch.setattr(backends, "IMPORT_ERRORS", {})
+    assert backends._optional("no_such_backend") is None
+    monkeypatch.setattr(backends, "BACKENDS",
+                        {k: v for k, v in backends.BACKENDS.items() if k != "triton"})
+    backends.IMPORT_ERRORS["triton"] = backends.IMPORT_ERRORS.pop("no_such_backend")
+    assert zo_opt.unavailable_backends()["triton"] == (
+        "not installed (its module failed to import: ModuleNotFoundError: No module named "
+        "'zo_opt.backends.no_such_backend')")
+
+
+def test_rounding_seed_updates_once_a_list_that_takes_two_runners(monkeypatch):
+    """zo_update_ with a rounding_seed made one exact pass per runner, each over every runner:
+    a list that takes two (two devices, or two backends on one: forced here by a C++ backend
+    that refuses float16) moved every param twice."""
+    if "cpu" not in zo_opt.available_backends():
+        pytest.skip("the C++ extension is not built")
+    cpu = backends.BACKENDS["cpu"]
+    monkeypatch.setattr(cpu, "supports",
+                        lambda t: t.device.type == "cpu" and t.dtype != torch.float16)
+    got = [torch.randn(300).to(torch.bfloat16), torch.randn(200).to(torch.float16)]
+    want = [p.clone() for p in got]
+    plan = zo_opt.functional.Prepared(got, exact=True)
+    assert sorted(b.name for b, *_ in plan.work) == ["cpu", "torch"]
+    zo_update_(got, [3], [0.25], distribution="rademacher", rounding_seed=2)
+    zo_update_(want, [3], [0.25], distribution="rademacher", rounding_seed=2, backend="torch")
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -228,3 +228,37 @@ def test_extra_memory_is_a_byte_per_parameter_plus_the_table():
     padded = -(-p.numel() // 128) * 128
     assert extra == padded + 4 * (padded // 128 + 1) + 4 * special
     assert extra / p.numel() < 1.07  # N(0, 0.02) weights at eps = 1e-3: 0.7% in the table
+
+
+@pytest.mark.parametrize("backend", exact_backends())
+def test_prepared_exact_passes_name_codes_and_counts_that_do_not_fit(backend):
+    """Prepared.exact_pass_ checks its arguments' shapes on every backend before a launch:
+    codes too short crashed the Triton pass (heap corruption under the interpreter: it wrote
+    past them), a code_base above the params' indices or seeds that do not fit the scales
+    ran silently on the reference (codes read and written from their end)."""
+    ps = [hard_values(300, torch.bfloat16), hard_values(100, torch.bfloat16, seed=1)]
+    before = [p.clone() for p in ps]
+    plan = zo_opt.functional.Prepared(ps, backend=backend, exact=True)
+    table = plan.build_table(exact.tau(1e-3, "gaussian"))
+    seeds, scales = torch.tensor([3]), torch.tensor([1.0, 1e-3])
+    codes = torch.zeros(512, dtype=torch.int8)
+    bad = [(dict(codes=codes[:200]), r"codes cover global indices \[0, 200\); the params' are "
+                                     r"\[0, 512\)"),
+           (dict(code_base=128), r"codes cover global indices \[128, 640\); the params' are"),
+           (dict(code_base=64), "code_base 64 is not a multiple of 128"),
+           (dict(codes=codes.int()), "codes must be an int8 tensor, not torch.int32"),
+           (dict(scales=torch.tensor([1.0, 1e-3, 1.0])), r"1 seeds and 3 scales do not fit "
+                                                         r"n_old=0, rounding=False"),
+           (dict(rounding=True), "encode needs round-to-nearest stores"),
+           (dict(distribution="uniform"), "Invalid distribution: 'uniform'")]
+    for change, message in bad:
+        args = dict(seeds=seeds, scales=scales, n_old=0, codes=codes, code_base=0, table=table,
+                    encode=True, rounding=False, distribution="gaussian") | change
+        with pytest.raises((ValueError, TypeError), match=message):
+            plan.exact_pass_(**args)
+    small = exact.Table(table.chunk_base[:2], table.bits, table.tau, table.count)
+    with pytest.raises(ValueError, match=r"table.chunk_base has 2 entries; the params' chunks "
+                       r"need 4"):
+        plan.exact_pass_(torch.tensor([3, 4]), torch.tensor([1.0, 1e-3, 1e-3]), 1, codes, 0,
+                         small, encode=True, rounding=False, distribution="gaussian")
+    assert all(same_bits(p, b) for p, b in zip(ps, before)) and not codes.any()

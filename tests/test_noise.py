@@ -122,3 +122,47 @@ def test_bad_seeds_are_rejected(bad):
 def test_bad_distribution_is_rejected():
     with pytest.raises(ValueError, match="distribution"):
         noise.direction([4], 0, "uniform")
+
+
+def test_integer_like_seeds_are_accepted():
+    """numpy integers and 0-d integer tensors are integers (operator.index), a tensor's as
+    uint64 bits (a capturable record's seeds); bools are not. They were refused as not ints."""
+    import numpy as np
+
+    for good in (np.int64(5), np.uint64(2**64 - 1), torch.tensor(5), torch.tensor(-1)):
+        want = int(good) & noise.MASK64
+        assert noise.check_seed(good) == want and type(noise.check_seed(good)) is int
+    for bad in (np.bool_(True), torch.tensor(True), np.int64(-1), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="seed"):
+            noise.check_seed(bad)
+
+
+def test_direction_seeds_take_integers_of_other_types():
+    """numpy steps and indices, a Python int step for direction_seeds and an int32 step tensor
+    give the same seeds (they failed with OverflowError, full_like()'s TypeError and an
+    overflow); a float step and a negative q are named."""
+    import numpy as np
+
+    want = [noise.direction_seed(1, 5, i) for i in range(3)]
+    assert [noise.direction_seed(np.uint64(1), np.int64(5), np.int64(i)) for i in range(3)] == want
+    for step in (5, np.int64(5), torch.tensor(5, dtype=torch.int32), torch.tensor(5)):
+        got = noise.direction_seeds(1, step, 3)
+        assert got.dtype == torch.int64 and [s & noise.MASK64 for s in got.tolist()] == want
+    with pytest.raises(ValueError, match="step"):
+        noise.direction_seeds(1, torch.tensor(5.0), 3)
+    with pytest.raises(ValueError, match="step"):
+        noise.direction_seed(1, 1.5, 0)
+    with pytest.raises(ValueError, match="q"):
+        noise.direction_seeds(1, torch.tensor(5), -1)
+
+
+def test_sizes_and_base_offsets_out_of_range_are_refused():
+    """The reference took a negative base_offset (indices below 0, which the functional ops
+    refuse) and a negative or fractional size (offsets([-5]) was [0], direction([3.5]) three
+    elements) without a word."""
+    for bad in ([-5], [3.5], [True]):
+        with pytest.raises(ValueError, match=r"numels\[0\]"):
+            noise.offsets(bad)
+    with pytest.raises(ValueError, match="base_offset"):
+        noise.direction([3], 1, base_offset=-1)
+    assert noise.offsets([torch.tensor(3), 0, 129]) == [0, 128, 128]

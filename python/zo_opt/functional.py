@@ -6,7 +6,7 @@ same z on every backend, device and process.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -33,12 +33,37 @@ def check_params(params: Sequence[torch.Tensor], name: str = "params") -> list[t
     return params
 
 
-def _entries(name: str, values: Scales) -> int:
-    """How many entries a scales/coeffs argument has (a 0-d tensor has no len())."""
-    if isinstance(values, torch.Tensor) and values.dim() != 1:
-        raise ValueError(f"{name} is a {values.dim()}-d tensor; pass a 1-d one, an entry per seed"
-                         + (" (and scales[0] for the params)" if name == "scales" else ""))
+def _entries(name: str, values: Scales | Seeds) -> int:
+    """How many entries a scales/coeffs/seeds argument has (a 0-d tensor has no len())."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"{name} is a {values.dim()}-d tensor; pass a 1-d one, an entry "
+                             "per seed" + (" (and scales[0] for the params)" if name == "scales"
+                                           else ""))
+        if values.is_complex():  # the cast to float32 would drop the imaginary parts
+            raise ValueError(f"{name} is a {values.dtype} tensor; pass real numbers")
     return len(values)
+
+
+def _check_seed_tensor(seeds: torch.Tensor) -> None:
+    if seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
+        raise ValueError(f"Invalid seeds: a {seeds.dtype} tensor; seeds are integers in "
+                         "[0, 2**64 - 1] (or their uint64 bits as an int64 tensor)")
+
+
+def _floats(name: str, values: Scales) -> list[float]:
+    """Host scales or coeffs as floats, a bad entry named."""
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list of numbers or a 1-d tensor, not "
+                        f"{type(values).__name__}" + ("; for one seed pass [coeff]"
+                                                      if name == "coeffs" else ""))
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}[{i}] is {v!r}; pass real numbers") from None
+    return out
 
 
 def _scales_on(scales: Scales, device: torch.device) -> torch.Tensor:
@@ -46,7 +71,7 @@ def _scales_on(scales: Scales, device: torch.device) -> torch.Tensor:
     with a non-blocking copy: a pageable copy would make every pass wait for the GPU."""
     if isinstance(scales, torch.Tensor):
         return scales.detach().to(device=device, dtype=torch.float32).reshape(-1)
-    host = torch.tensor([float(s) for s in scales], dtype=torch.float32)
+    host = torch.tensor(_floats("scales", scales), dtype=torch.float32)
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
@@ -56,11 +81,47 @@ def seed_list(seeds: Seeds) -> list[int]:
     """Seeds as checked Python ints; an integer tensor holds them as uint64 bits (a
     capturable step's record: seeds from 2**63 up are negative there)."""
     if isinstance(seeds, torch.Tensor):
-        if seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
-            raise ValueError(f"Invalid seeds: a {seeds.dtype} tensor; seeds are integers in "
-                             "[0, 2**64 - 1] (or their uint64 bits as an int64 tensor)")
+        _check_seed_tensor(seeds)
         return [s & noise.MASK64 for s in seeds.reshape(-1).tolist()]
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"seeds must be a list of seeds or an integer tensor, not "
+                        f"{type(seeds).__name__} {seeds!r}; for one seed pass [seed]")
     return [noise.check_seed(s) for s in seeds]
+
+
+def _index(value: int, name: str) -> int:
+    """A global index (NOISE.md) as the backends hold it: an int64 from 0 up."""
+    index = noise._integer(value)
+    if index is None or not 0 <= index < 1 << 63:
+        raise ValueError(f"Invalid {name}: {value!r}; global indices are ints in [0, 2**63)")
+    return index
+
+
+def shared_memory(params: Sequence[torch.Tensor]) -> tuple[int, int] | None:
+    """The indices of two params whose memory overlaps, if any (first the lower): spans sorted
+    by start overlap somewhere only if two neighbours do (params are contiguous)."""
+    spans = sorted((str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), k)
+                   for k, p in enumerate(params) if p.numel() and p.device.type != "meta")
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            return tuple(sorted((a[3], b[3])))
+    return None
+
+
+def _extent(params: Sequence[torch.Tensor], offsets: Sequence[int]) -> tuple[int, int]:
+    """[first, end) of the global indices an exact pass decodes and encodes, in whole chunks."""
+    kept = [(o, o + -(-p.numel() // exact.CHUNK) * exact.CHUNK)
+            for p, o in zip(params, offsets) if p.numel()]
+    return (min(o for o, _ in kept), max(e for _, e in kept)) if kept else (0, 0)
+
+
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    """Tell autograd that a pass wrote these (the kernels write through pointers, unseen by it)."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # an older torch takes one tensor a call
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def seeds_on(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -81,7 +142,8 @@ class Prepared:
     multi-tensor tables are done here, once; :meth:`noise_axpby_` then costs one launch per
     (backend, device, dtype) and no work per tensor. The tables hold the tensors' addresses:
     :meth:`matches` says whether ``params`` still live where they did (``p.data = ...``
-    moves them), and a caller prepares again when they do not. ``distribution`` is the one
+    moves them), and a caller prepares again when they do not (until then the passes write
+    the memory the params had, on every backend). ``distribution`` is the one
     the passes will mostly draw, and ``exact`` whether they will be exact ones (docs/EXACT.md):
     ``backend="auto"`` picks the backend for them (``backends.AUTO_ORDER``,
     ``EXACT_AUTO_ORDER``); the other kinds of pass still run, on that backend.
@@ -94,22 +156,40 @@ class Prepared:
         backends.check_name(backend)
         noise.check_distribution(distribution)
         if offsets is None:
+            base_offset = _index(base_offset, "base_offset")
             offsets = [base_offset + o for o in noise.offsets([p.numel() for p in params])]
         elif len(offsets) != len(params):
             raise ValueError(f"offsets has {len(offsets)} entries for {len(params)} params")
+        offsets = [_index(o, f"offsets[{k}]") for k, o in enumerate(offsets)]
+        for k, (p, o) in enumerate(zip(params, offsets)):
+            if o + p.numel() > 1 << 63:
+                raise ValueError(f"params[{k}] runs past global index 2**63 - 1 from its offset "
+                                 f"{o}: pass a smaller base_offset or offsets")
+        shared = shared_memory(params)
+        if shared is not None:  # moved twice a pass, and raced over on the parallel backends
+            raise ValueError(f"params[{shared[0]}] and params[{shared[1]}] share memory; pass "
+                             "each tensor once (tied weights once) and no overlapping views")
         self.key = self.layout(params)
         self.params, self.offsets = params, list(offsets)
         self.has_16bit = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
         work: dict[tuple[str, torch.device], tuple[list, list]] = {}
-        for p, o in zip(params, offsets):
+        for k, (p, o) in enumerate(zip(params, offsets)):
             if p.numel():
-                name = backends.resolve(backend, p, distribution, exact).name
+                name = backends.resolve(backend, p, distribution, exact, f"params[{k}]").name
                 ps, os_ = work.setdefault((name, p.device), ([], []))
-                ps.append(p)
+                # An alias of the storage as it is now (same memory and version counter): after
+                # a p.data = ... every backend keeps writing where its table points, where the
+                # Triton runner wrote the others at the new tensor's address plus old distances.
+                ps.append(p.detach())
                 os_.append(o)
         self.work = [(backends.BACKENDS[name], device, ps, os_)
                      for (name, device), (ps, os_) in work.items()]
         self.runners = [(device, b.prepare(ps, os_)) for b, device, ps, os_ in self.work]
+        # The C++ and Triton kernels write through pointers, unseen by autograd: each pass bumps
+        # the version counters itself, or a tensor saved for backward and moved by a pass would
+        # give a silently wrong gradient (one call over the list, no work per tensor in Python).
+        self._written = [p for _, _, ps, _ in self.work for p in ps]
+        self.extent = _extent(params, offsets)
         self._exact_runners = None  # made on first use: most lists never run an exact pass
 
     @staticmethod
@@ -124,28 +204,64 @@ class Prepared:
                      distribution: str = "gaussian") -> None:
         """``params[k] = scales[0] * params[k] + sum_i scales[1+i] * z_k(seeds[i])``; seeds
         and scales already on the params' device make this launch-only (graph-capturable)."""
-        if _entries("scales", scales) != len(seeds) + 1:
+        noise.check_distribution(distribution)
+        if isinstance(seeds, torch.Tensor):
+            _check_seed_tensor(seeds)
+        else:  # host ints: 2**64 would wrap to 0, -1 to 2**64-1
+            seeds = seed_list(seeds)
+        if _entries("scales", scales) != _entries("seeds", seeds) + 1:
             raise ValueError(f"scales has {len(scales)} entries; expected 1 + len(seeds) = "
                              f"{len(seeds) + 1}")
-        if not isinstance(seeds, torch.Tensor):  # host ints: 2**64 would wrap to 0, -1 to 2**64-1
-            seeds = seed_list(seeds)
         for device, run in self.runners:
             run(seeds_on(seeds, device), _scales_on(scales, device), distribution)
+        _bump_versions(self._written)
 
     @torch.no_grad()
     def exact_pass_(self, seeds: torch.Tensor, scales: torch.Tensor, n_old: int,
                     codes: torch.Tensor, code_base: int, table, *, encode: bool,
-                    rounding: bool, distribution: str) -> None:
+                    rounding: bool, distribution: str, device: torch.device | None = None) -> None:
         """The exact pass of docs/EXACT.md (``seeds``/``scales`` on the params' device; with
-        ``rounding`` the last seed is the rounding seed)."""
+        ``rounding`` the last seed is the rounding seed). The arguments' shapes are checked
+        here for every backend (metadata only: capturable): a kernel trusts them. With
+        ``device``, only the params there (a list over several devices takes a call per
+        device, each with the seeds, scales, codes and table on it)."""
+        self._check_exact_args(seeds, scales, int(n_old), codes, int(code_base), table,
+                               bool(encode), bool(rounding), distribution)
         if self._exact_runners is None:
             for k, p in enumerate(self.params):
                 if p.dtype not in exact.DTYPES:
                     raise ValueError(f"params[{k}] is {p.dtype}: exact passes and stochastic "
                                      "rounding take float32, float16 and bfloat16 tensors")
-            self._exact_runners = [b.prepare_exact(ps, os_) for b, _, ps, os_ in self.work]
-        for run in self._exact_runners:
-            run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)
+            self._exact_runners = [(d, b.prepare_exact(ps, os_)) for b, d, ps, os_ in self.work]
+        for d, run in self._exact_runners:
+            if device is None or d == device:
+                run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)
+        _bump_versions(self._written)
+
+    def _check_exact_args(self, seeds: torch.Tensor, scales: torch.Tensor, n_old: int,
+                          codes: torch.Tensor, code_base: int, table: exact.Table, encode: bool,
+                          rounding: bool, distribution: str) -> None:
+        noise.check_distribution(distribution)
+        if encode and rounding:
+            raise ValueError("encode needs round-to-nearest stores")
+        if code_base % exact.CHUNK:
+            raise ValueError(f"code_base {code_base} is not a multiple of {exact.CHUNK}")
+        if codes.dtype != torch.int8:
+            raise TypeError(f"codes must be an int8 tensor, not {codes.dtype}")
+        n_new = scales.numel() - 1 - n_old
+        if n_old < 0 or n_new < 0 or seeds.numel() != n_old + n_new + rounding:
+            raise ValueError(f"{seeds.numel()} seeds and {scales.numel()} scales do not fit "
+                             f"n_old={n_old}, rounding={rounding}")
+        first, end = self.extent
+        if first == end:
+            return
+        if (n_old or encode) and not code_base <= first <= end <= code_base + codes.numel():
+            raise ValueError(f"codes cover global indices [{code_base}, {code_base + codes.numel()}"
+                             f"); the params' are [{first}, {end}): size them with exact.span")
+        if n_old and table.chunk_base.numel() < (end - code_base) // exact.CHUNK:
+            raise ValueError(f"table.chunk_base has {table.chunk_base.numel()} entries; the "
+                             f"params' chunks need {(end - code_base) // exact.CHUNK}: build the "
+                             "table over these params (Prepared.build_table)")
 
     @torch.no_grad()
     def build_table(self, tau: float) -> exact.Table:
@@ -182,6 +298,10 @@ def noise_axpby_(params: Sequence[torch.Tensor], seeds: Seeds, scales: Scales, *
 def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
              distribution: str = "gaussian", backend: str = "auto", base_offset: int = 0) -> None:
     """In place, ``params[k] += scale * z_k(seed)`` for a list of tensors."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale is {scale!r}; pass a real number") from None
     noise_axpby_(params, [seed], [1.0, scale], distribution=distribution, backend=backend,
                  base_offset=base_offset)
 
@@ -197,6 +317,8 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Seeds, coeffs: Scales, *,
     stochastic rounding (docs/EXACT.md) instead of round-to-nearest.
     """
     seeds = seed_list(seeds)
+    if not isinstance(coeffs, torch.Tensor):
+        coeffs = _floats("coeffs", coeffs)
     if _entries("coeffs", coeffs) != len(seeds):
         raise ValueError(f"coeffs has {len(coeffs)} entries for {len(seeds)} seeds")
     if not seeds:
@@ -213,7 +335,11 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Seeds, coeffs: Scales, *,
     seeds = seeds + [noise.check_seed(rounding_seed)]
     plan = Prepared(params, backend=backend, base_offset=base_offset, distribution=distribution,
                     exact=True)
-    for device, _ in plan.runners:
+    if base_offset % exact.CHUNK:
+        raise ValueError(f"base_offset {base_offset} is not a multiple of {exact.CHUNK}: a pass "
+                         "with a rounding_seed works on 128-element chunks (docs/EXACT.md)")
+    for device in dict.fromkeys(device for device, _ in plan.runners):
         codes, table = exact.no_state(device)
         plan.exact_pass_(seeds_on(seeds, device), _scales_on(scales, device), 0, codes, 0,
-                         table, encode=False, rounding=True, distribution=distribution)
+                         table, encode=False, rounding=True, distribution=distribution,
+                         device=device)

@@ -14,6 +14,7 @@ reference that every backend is tested against, element by element.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -35,10 +36,30 @@ def check_distribution(distribution: str) -> str:
 
 
 def check_seed(seed: int) -> int:
-    """Seeds are unsigned 64-bit integers (the Philox key)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK64:
+    """Seeds are unsigned 64-bit integers (the Philox key), returned as a Python int. numpy
+    integers and one-element integer tensors count (``operator.index``); a tensor holds its
+    seed as uint64 bits, as a capturable step's record does (from 2**63 up negative there)."""
+    value = _integer(seed)
+    if isinstance(seed, torch.Tensor) and value is not None:
+        value = None if seed.dtype == torch.bool else value & MASK64
+    if value is None or not 0 <= value <= MASK64:
         raise ValueError(f"Invalid seed: {seed!r}; a seed is an integer in [0, 2**64 - 1]")
-    return seed
+    return value
+
+
+def _integer(value: int) -> int | None:
+    """A Python, numpy or one-element tensor integer as a Python int (not a bool)."""
+    try:
+        return None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
+
+
+def _step_or_index(value: int, name: str) -> int:
+    out = _integer(value)
+    if out is None:
+        raise ValueError(f"Invalid {name}: {value!r}; pass an integer")
+    return out & MASK64
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +93,12 @@ def philox4x32(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: int,
 def offsets(numels: Sequence[int]) -> list[int]:
     """Global base offset of each parameter: o_0 = 0, o_{k+1} = o_k + roundup(numel_k, 128)."""
     out, o = [], 0
-    for n in numels:
+    for k, n in enumerate(numels):
+        size = _integer(n)
+        if size is None or size < 0:
+            raise ValueError(f"Invalid numels[{k}]: {n!r}; a size is an int >= 0")
         out.append(o)
-        o += -(-int(n) // ALIGN) * ALIGN
+        o += -(-size // ALIGN) * ALIGN
     return out
 
 
@@ -105,6 +129,8 @@ def noise_at(indices: torch.Tensor, seed: int, distribution: str = "gaussian") -
 def direction(numels: Sequence[int], seed: int, distribution: str = "gaussian",
               base_offset: int = 0) -> list[torch.Tensor]:
     """The reference z of NOISE.md for a parameter list: one float32 CPU tensor per parameter."""
+    if _integer(base_offset) is None or base_offset < 0:
+        raise ValueError(f"Invalid base_offset: {base_offset!r}; global indices start at 0")
     out = []
     for n, o in zip(numels, offsets(numels)):
         idx = torch.arange(int(n), dtype=torch.int64) + (base_offset + o)
@@ -127,8 +153,8 @@ def direction_seed(base_seed: int, step: int, index: int) -> int:
     no short cycles (the old repo re-seeded a global RNG and repeated directions).
     """
     x = _splitmix64(check_seed(base_seed))
-    x = _splitmix64(x ^ (step & MASK64))
-    return _splitmix64(x ^ (index & MASK64))
+    x = _splitmix64(x ^ _step_or_index(step, "step"))
+    return _splitmix64(x ^ _step_or_index(index, "index"))
 
 
 ROUNDING_INDEX = MASK64  # no direction has this index: the stochastic-rounding stream's
@@ -159,8 +185,15 @@ def _splitmix64_t(x: torch.Tensor) -> torch.Tensor:
 def direction_seeds(base_seed: int, step: torch.Tensor, q: int, *, rounding: bool = False) -> torch.Tensor:
     """``direction_seed(base_seed, step, i)`` for i in range(q) (then ``rounding_seed`` if
     ``rounding``), as an int64 tensor of uint64 bits on ``step``'s device (``step``: a 0-d
-    int64 tensor). Pure tensor ops: no host sync, so it can be captured in a CUDA graph with
-    ``step`` advanced on the device."""
+    int64 tensor; another integer is made one). Pure tensor ops: no host sync, so it can be
+    captured in a CUDA graph with ``step`` advanced on the device."""
+    if not isinstance(step, torch.Tensor):
+        step = torch.tensor(_as_signed(_step_or_index(step, "step")), dtype=torch.int64)
+    elif step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+        raise ValueError(f"Invalid step: a {step.dtype} tensor; pass an integer one (int64)")
+    step = step.to(torch.int64)
+    if _integer(q) is None or q < 0:
+        raise ValueError(f"Invalid q: {q!r}; the number of directions is an integer >= 0")
     x = torch.full_like(step, _as_signed(_splitmix64(check_seed(base_seed))))
     x = _splitmix64_t(x ^ step)
     index = torch.arange(q + rounding, dtype=torch.int64, device=step.device)

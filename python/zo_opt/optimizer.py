@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends, exact as exact_mod, noise, nonfinite as nonfinite_mod
-from .functional import Prepared, check_params, seeds_on
+from .functional import Prepared, check_params, seeds_on, shared_memory
 
 ESTIMATORS = ("central", "forward")
 NONFINITE = ("skip", "raise", "skip_silent")
@@ -59,18 +59,6 @@ def _finite_eps(value) -> float:
     if not 0 < value < math.inf:
         raise ValueError(f"Invalid eps: {value!r}; it must be a finite float > 0")
     return float(value)
-
-
-def _shared_memory(groups: list[dict]) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """Two (group, index) params whose memory overlaps, if any: the spans sorted by start
-    overlap somewhere only if two neighbours do. Params are contiguous (check_params)."""
-    spans = sorted((str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), g, k)
-                   for g, group in enumerate(groups) for k, p in enumerate(group["params"])
-                   if p.numel() and p.device.type != "meta")
-    for a, b in zip(spans, spans[1:]):
-        if a[0] == b[0] and b[1] < a[2]:
-            return a[3:], b[3:]
-    return None
 
 
 def _frozen_among_trained(groups: list[dict]) -> tuple[int, int] | None:
@@ -329,9 +317,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "params that require grad: ZO moves every param it is given (there is "
                              "no gradient to skip it by); pass only the params to train, e.g. "
                              "[p for p in model.parameters() if p.requires_grad]")
-        shared = _shared_memory(self.param_groups)
+        where = [(g, k) for g, group in enumerate(self.param_groups) for k in range(len(group["params"]))]
+        shared = shared_memory([p for group in self.param_groups for p in group["params"]])
         if shared is not None:
-            (g0, k0), (g1, k1) = sorted(shared)
+            (g0, k0), (g1, k1) = where[shared[0]], where[shared[1]]
             raise ValueError(f"param {k1} of group {g1} shares memory with param {k0} of group {g0} "
                              "(the same tensor twice, or overlapping views): a pass would move it "
                              "twice; pass each tensor once")

@@ -69,13 +69,17 @@ class Backend(Protocol):
         """The side table's bits at their slots (zo_opt.exact.fill_special_)."""
 
 
+IMPORT_ERRORS: dict[str, str] = {}  # backend -> why its module did not import
+
+
 def _optional(module_name: str):
     """Backends whose modules need optional packages register themselves if importable."""
     import importlib
 
     try:
         return importlib.import_module(f"{__name__}.{module_name}").BACKEND
-    except ImportError:
+    except ImportError as e:  # kept: triton present but not importable reads as 'not installed'
+        IMPORT_ERRORS[module_name] = f"{type(e).__name__}: {e}"
         return None
 
 
@@ -99,7 +103,8 @@ def unavailable_backends() -> dict[str, str]:
     out = {name: r for name, r in reasons.items() if r is not None}
     for name in NAMES[1:]:
         if name not in BACKENDS:
-            out[name] = "not installed (its module failed to import)"
+            out[name] = ("not installed (its module failed to import: "
+                         f"{IMPORT_ERRORS.get(name, 'no error recorded')})")
     return out
 
 
@@ -115,15 +120,15 @@ def check_name(backend: str) -> str:
 
 
 def resolve(backend: str, tensor: torch.Tensor, distribution: str = "gaussian",
-            exact: bool = False) -> Backend:
-    """The backend that runs ``tensor``: the named one, or auto's first that supports it for
-    passes of ``distribution``, exact ones with ``exact``."""
+            exact: bool = False, name: str = "the tensor") -> Backend:
+    """The backend that runs ``tensor`` (``name`` in messages): the named one, or auto's first
+    that supports it for passes of ``distribution``, exact ones with ``exact``."""
     check_name(backend)
     if backend != "auto":
         b = BACKENDS[backend]
         if not b.supports(tensor):
-            raise ValueError(f"backend {backend!r} does not support {tensor.dtype} tensors on "
-                             f"{tensor.device}; use backend='auto' or 'torch'")
+            raise ValueError(f"{name} is a {tensor.dtype} tensor on {tensor.device}, which backend "
+                             f"{backend!r} does not support; use backend='auto' or 'torch'")
         return b
     order = (EXACT_AUTO_ORDER.get(tensor.device.type) if exact
              else AUTO_ORDER.get((tensor.device.type, distribution)))
