@@ -287,6 +287,16 @@ def test_encode_needs_alpha_one():
         cpu_pass(p, offsets, [1], [0.5, EPS], 0, codes, code_base, table, True, None, "gaussian")
 
 
+def test_an_unaligned_offset_is_named_with_its_value():
+    """The op said "offset 1 must be a multiple of 128": the tensor's index, read as its offset."""
+    p = [torch.randn(256), torch.randn(64)]
+    codes = torch.zeros(512, dtype=torch.int8)
+    table = exact.build_table(p, [0, 256], exact.tau(EPS, "gaussian"))
+    with pytest.raises(RuntimeError, match="tensor 1's offset is 192; it must be a multiple of 128 "
+                       "at or above code_base 0"):
+        cpu_pass(p, [0, 192], [1], [1.0, EPS], 0, codes, 0, table, True, None, "gaussian")
+
+
 ISA_SCRIPT = """
 import sys, torch
 from zo_opt import _extension, exact

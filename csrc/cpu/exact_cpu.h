@@ -70,8 +70,9 @@ inline void check_param(const char* op, const at::Tensor& p, size_t k, int64_t o
                   p.scalar_type() == at::kBFloat16,
               op, "tensor ", k, " has dtype ", p.scalar_type(),
               "; the exact mode takes float32, float16 and bfloat16");
-  TORCH_CHECK(p.numel() == 0 || (offset >= code_base && offset % kTableChunk == 0), op, "offset ",
-              k, " must be a multiple of ", kTableChunk, " at or above code_base");
+  TORCH_CHECK(p.numel() == 0 || (offset >= code_base && offset % kTableChunk == 0), op, "tensor ", k,
+              "'s offset is ", offset, "; it must be a multiple of ", kTableChunk,
+              " at or above code_base ", code_base);
 }
 
 }  // namespace
