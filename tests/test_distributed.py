@@ -44,6 +44,9 @@ def worker(rank, port, out, seed):
     opt = ZOOptimizer([w], lr=0.05, q=Q, seed=seed)  # the default group is picked up
     train(w, X[shard], y[shard], opt)
     torch.save({"w": w, "bytes": sent, "seed": opt.base_seed}, f"{out}/rank{rank}.pt")
+    # Together, as zo-train does (parallel.teardown): in one CI run of 11-30, rank 1 aborted in
+    # gloo's teardown ("terminate called without an active exception") after both had saved.
+    dist.barrier()
     dist.destroy_process_group()
 
 
