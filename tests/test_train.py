@@ -669,3 +669,22 @@ def test_a_split_of_one_block_names_its_flag(base, tmp_path):
         main(base + ["--dataset", str(tmp_path / "one.txt"), "--mode", "Instruct", "--max_steps", "1",
                      "--split_dataset_for_bp_zo"])
     assert "--split_dataset_for_bp_zo: the training data holds 1 block" in str(stop.value.code)
+
+
+def test_instruct_without_a_usable_bp_gradient_is_a_one_line_error(base, monkeypatch):
+    """A non-finite first BP gradient stopped an Instruct run with a traceback."""
+    from zo_opt.train.instruct import Instruct
+
+    real = Instruct.set_gradient
+
+    def nan_gradient(self, grads):
+        for g in grads:
+            g.fill_(float("nan"))
+        return real(self, grads)
+
+    monkeypatch.setattr(Instruct, "set_gradient", nan_gradient)
+    with pytest.raises(SystemExit) as stop:
+        main(base + ["--mode", "Instruct", "--max_steps", "1", "--eval_interval", "0", "--no-plot"])
+    msg = str(stop.value.code)
+    assert msg.startswith("zo-train: error: Instruct.step: no BP gradient accepted yet") and "nan" in msg, msg
+    assert len(msg.splitlines()) == 1

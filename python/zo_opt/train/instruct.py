@@ -43,6 +43,10 @@ from .. import functional as F
 from ..noise import direction_seed
 
 
+class NoBPGradient(RuntimeError):
+    """A step with no usable BP gradient: the trainer reports it in one line."""
+
+
 class Instruct:
     def __init__(self, params, *, lr, q, eps, cosine=0.9, bp_weight=0.5, distribution="gaussian",
                  seed=0, backend="auto", torch_optimizer=None):
@@ -79,7 +83,7 @@ class Instruct:
         """One step at step index t; closure(i) returns the loss of query i's batch."""
         if self.ghat is None:
             if self.refused_norm is not None:
-                raise RuntimeError(f"Instruct.step: no BP gradient accepted yet, the last one was "
+                raise NoBPGradient(f"Instruct.step: no BP gradient accepted yet, the last one was "
                                    f"non-finite or zero (|g| = {self.refused_norm}); check the "
                                    "model's loss on its BP batch")
             raise RuntimeError("Instruct.step before any BP gradient (call set_gradient first)")

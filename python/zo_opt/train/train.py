@@ -45,7 +45,7 @@ from . import checkpoint as ckpt_io
 from . import parallel
 from .cli import parse_args, resolved
 from .data import BatchStream, DataError, load_blocks, load_tokenizer
-from .instruct import Instruct
+from .instruct import Instruct, NoBPGradient
 from .model import build_model, describe, no_decay, select_params
 from .optim import MuDAMW
 
@@ -136,7 +136,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except DataError as e:
+    except (DataError, NoBPGradient) as e:
         sys.exit(f"zo-train: error: {e}")
     except KeyboardInterrupt:  # train() has logged where to resume from
         sys.exit(130)
