@@ -276,17 +276,29 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
+def free_stem(out: Path, stem: str) -> str:
+    """``stem``, or ``stem-runN`` with the first N from 2 whose table and chart are not there:
+    a second run on the same machine and day overwrote the first's files."""
+    def taken(name):
+        return (out / f"{name}.md").exists() or (out / f"{name}.png").exists()
+
+    n, name = 2, stem
+    while taken(name):
+        name, n = f"{stem}-run{n}", n + 1
+    return name
+
+
 def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
     ap.add_argument("--out-dir", default=str(RESULTS))
-    ap.add_argument("--name", help="file stem (default: <machine>-<date>)")
+    ap.add_argument("--name", help="file stem (default: <machine>-<date>; -run2, -run3... where taken)")
     ap.add_argument("--note", default="", help="a line about the conditions of the run")
     args = ap.parse_args(argv)
     data = load(args.json)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or report_name(data)
+    stem = free_stem(out, args.name or report_name(data))
     md, png = out / f"{stem}.md", out / f"{stem}.png"
     md.write_text(markdown(data, Path(args.json).name, args.note))
     chart(data, png)

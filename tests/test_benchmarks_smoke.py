@@ -195,6 +195,19 @@ def test_report_writes_a_named_table_and_a_png(tmp_path):
     assert head == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_report_keeps_an_earlier_table_of_the_same_day(tmp_path):
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(fake_benchmark_json()))
+    first, _ = report.main([str(src), "--out-dir", str(tmp_path / "results")])
+    first.write_text("the first run's table")
+    second, png = report.main([str(src), "--out-dir", str(tmp_path / "results")])
+    assert second.name == "cpu-2core-epyc-7b13-2026-11-27-run2.md" and png.stem == second.stem
+    assert first.read_text() == "the first run's table"
+    third, _ = report.main([str(src), "--out-dir", str(tmp_path / "results")])
+    assert third.name.endswith("-run3.md")
+
+
 def test_report_rejects_other_json(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("{}")
