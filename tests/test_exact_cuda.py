@@ -93,9 +93,11 @@ def test_runner_checks_without_a_gpu(monkeypatch):
         run(seeds, scales, 1, codes, 3, table, True, False, "rademacher")
     with pytest.raises(ValueError, match="2 seeds and 3 scales do not fit n_old=1, rounding=True"):
         run(seeds, scales, 1, codes, 256, table, False, True, "rademacher")
-    with pytest.raises(ValueError, match=r"codes \[256, 356\) do not cover .* \[256, 640\)"):
+    with pytest.raises(ValueError, match=r"codes cover global indices \[256, 356\); the params' "
+                       r"are \[256, 640\)"):
         run(seeds, scales, 1, codes[:100], 256, table, True, False, "rademacher")
-    with pytest.raises(ValueError, match=r"codes \[384, 896\) do not cover .* \[256, 640\)"):
+    with pytest.raises(ValueError, match=r"codes cover global indices \[384, 896\); the params' "
+                       r"are \[256, 640\)"):
         run(seeds, scales, 1, codes, 384, table, True, False, "rademacher")
     with pytest.raises(ValueError, match="Invalid distribution: 'uniform'"):
         run(seeds, scales, 1, codes, 256, table, True, False, "uniform")

@@ -58,6 +58,41 @@ class Table:
     count: int  # n_special
 
 
+def extent(numels: Sequence[int], offsets: Sequence[int]) -> tuple[int, int]:
+    """[first, end) of the global indices an exact pass over these tensors decodes and encodes,
+    in whole chunks ((0, 0) for no elements)."""
+    kept = [(o, o + -(-n // CHUNK) * CHUNK) for n, o in zip(numels, offsets) if n]
+    return (min(o for o, _ in kept), max(e for _, e in kept)) if kept else (0, 0)
+
+
+def check_pass_args(seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
+                    code_base: int, table: "Table", encode: bool, rounding: bool,
+                    distribution: str, span: tuple[int, int]) -> None:
+    """What an exact pass over the tensors of ``span`` (``extent``) needs of its arguments,
+    checked from metadata only (capturable): a kernel trusts them."""
+    noise.check_distribution(distribution)
+    if encode and rounding:
+        raise ValueError("encode needs round-to-nearest stores")
+    if code_base % CHUNK:
+        raise ValueError(f"code_base {code_base} is not a multiple of {CHUNK}")
+    if codes.dtype != torch.int8:
+        raise TypeError(f"codes must be an int8 tensor, not {codes.dtype}")
+    n_new = scales.numel() - 1 - n_old
+    if n_old < 0 or n_new < 0 or seeds.numel() != n_old + n_new + rounding:
+        raise ValueError(f"{seeds.numel()} seeds and {scales.numel()} scales do not fit "
+                         f"n_old={n_old}, rounding={rounding}")
+    first, end = span
+    if first == end:
+        return
+    if (n_old or encode) and not code_base <= first <= end <= code_base + codes.numel():
+        raise ValueError(f"codes cover global indices [{code_base}, {code_base + codes.numel()}); "
+                         f"the params' are [{first}, {end}): size them with exact.span")
+    if n_old and table.chunk_base.numel() < (end - code_base) // CHUNK:
+        raise ValueError(f"table.chunk_base has {table.chunk_base.numel()} entries; the params' "
+                         f"chunks need {(end - code_base) // CHUNK}: build the table over these "
+                         "params (Prepared.build_table)")
+
+
 def no_state(device: torch.device) -> tuple[torch.Tensor, "Table"]:
     """Placeholder codes and table for a pass that neither decodes nor encodes (a plain pass
     with a stochastically rounded store): kernels take their pointers but read nothing."""

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import backends, exact, noise
+from .exact import check_pass_args, extent
 
 Scales = Sequence[float] | torch.Tensor
 Seeds = Sequence[int] | torch.Tensor  # a tensor: uint64 bits as int64 (seed_list)
@@ -108,13 +109,6 @@ def shared_memory(params: Sequence[torch.Tensor]) -> tuple[int, int] | None:
     return None
 
 
-def _extent(params: Sequence[torch.Tensor], offsets: Sequence[int]) -> tuple[int, int]:
-    """[first, end) of the global indices an exact pass decodes and encodes, in whole chunks."""
-    kept = [(o, o + -(-p.numel() // exact.CHUNK) * exact.CHUNK)
-            for p, o in zip(params, offsets) if p.numel()]
-    return (min(o for o, _ in kept), max(e for _, e in kept)) if kept else (0, 0)
-
-
 def _bump_versions(tensors: list[torch.Tensor]) -> None:
     """Tell autograd that a pass wrote these (the kernels write through pointers, unseen by it)."""
     try:
@@ -189,7 +183,7 @@ class Prepared:
         # the version counters itself, or a tensor saved for backward and moved by a pass would
         # give a silently wrong gradient (one call over the list, no work per tensor in Python).
         self._written = [p for _, _, ps, _ in self.work for p in ps]
-        self.extent = _extent(params, offsets)
+        self.extent = extent([p.numel() for p in params], offsets)  # `exact` is an argument here
         self._exact_runners = None  # made on first use: most lists never run an exact pass
 
     @staticmethod
@@ -225,8 +219,8 @@ class Prepared:
         here for every backend (metadata only: capturable): a kernel trusts them. With
         ``device``, only the params there (a list over several devices takes a call per
         device, each with the seeds, scales, codes and table on it)."""
-        self._check_exact_args(seeds, scales, int(n_old), codes, int(code_base), table,
-                               bool(encode), bool(rounding), distribution)
+        check_pass_args(seeds, scales, int(n_old), codes, int(code_base), table, bool(encode),
+                        bool(rounding), distribution, self.extent)
         if self._exact_runners is None:
             for k, p in enumerate(self.params):
                 if p.dtype not in exact.DTYPES:
@@ -237,31 +231,6 @@ class Prepared:
             if device is None or d == device:
                 run(seeds, scales, n_old, codes, code_base, table, encode, rounding, distribution)
         _bump_versions(self._written)
-
-    def _check_exact_args(self, seeds: torch.Tensor, scales: torch.Tensor, n_old: int,
-                          codes: torch.Tensor, code_base: int, table: exact.Table, encode: bool,
-                          rounding: bool, distribution: str) -> None:
-        noise.check_distribution(distribution)
-        if encode and rounding:
-            raise ValueError("encode needs round-to-nearest stores")
-        if code_base % exact.CHUNK:
-            raise ValueError(f"code_base {code_base} is not a multiple of {exact.CHUNK}")
-        if codes.dtype != torch.int8:
-            raise TypeError(f"codes must be an int8 tensor, not {codes.dtype}")
-        n_new = scales.numel() - 1 - n_old
-        if n_old < 0 or n_new < 0 or seeds.numel() != n_old + n_new + rounding:
-            raise ValueError(f"{seeds.numel()} seeds and {scales.numel()} scales do not fit "
-                             f"n_old={n_old}, rounding={rounding}")
-        first, end = self.extent
-        if first == end:
-            return
-        if (n_old or encode) and not code_base <= first <= end <= code_base + codes.numel():
-            raise ValueError(f"codes cover global indices [{code_base}, {code_base + codes.numel()}"
-                             f"); the params' are [{first}, {end}): size them with exact.span")
-        if n_old and table.chunk_base.numel() < (end - code_base) // exact.CHUNK:
-            raise ValueError(f"table.chunk_base has {table.chunk_base.numel()} entries; the "
-                             f"params' chunks need {(end - code_base) // exact.CHUNK}: build the "
-                             "table over these params (Prepared.build_table)")
 
     @torch.no_grad()
     def build_table(self, tau: float) -> exact.Table:

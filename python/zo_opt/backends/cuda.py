@@ -83,32 +83,16 @@ class PreparedCudaExact:
                 raise ValueError(f"offset {o} is not a multiple of {CHUNK}: the exact pass needs "
                                  "128-aligned offsets")
         self.prepared = PreparedCuda(params, offsets)
-        kept = [(p.numel(), o) for p, o in zip(params, offsets) if p.numel() > 0]
-        # the codes' and chunks' extent the kernel touches: [first, end)
-        self.first = min((o for _, o in kept), default=0)
-        self.end = max((o + -(-n // CHUNK) * CHUNK for n, o in kept), default=0)
-        self._launch = torch.ops.zo_opt.noise_axpby_exact_table_.default if kept else None
+        self.span = exact.extent([p.numel() for p in params], offsets)  # the codes and chunks it touches
+        self._launch = torch.ops.zo_opt.noise_axpby_exact_table_.default if self.prepared.n_tiles else None
 
     def __call__(self, seeds: torch.Tensor, scales: torch.Tensor, n_old: int, codes: torch.Tensor,
                  code_base: int, table, encode: bool, rounding: bool, distribution: str) -> None:
-        if distribution not in ("gaussian", "rademacher"):
-            raise ValueError(f"Invalid distribution: {distribution!r}")
         n_old, code_base, encode, rounding = int(n_old), int(code_base), bool(encode), bool(rounding)
-        if encode and rounding:
-            raise ValueError("encode needs round-to-nearest stores")
-        if code_base % CHUNK:
-            raise ValueError(f"code_base {code_base} is not a multiple of {CHUNK}")
-        n_new = scales.numel() - 1 - n_old
-        if n_old < 0 or n_new < 0 or seeds.numel() != n_old + n_new + rounding:
-            raise ValueError(f"{seeds.numel()} seeds and {scales.numel()} scales do not fit "
-                             f"n_old={n_old}, rounding={rounding}")
+        exact.check_pass_args(seeds, scales, n_old, codes, code_base, table, encode, rounding,
+                              distribution, self.span)
         if self.prepared.n_tiles == 0:
             return
-        if (n_old > 0 or encode) and (code_base > self.first or codes.numel() < self.end - code_base):
-            raise ValueError(f"codes [{code_base}, {code_base + codes.numel()}) do not cover the "
-                             f"parameters' indices [{self.first}, {self.end})")
-        if n_old > 0 and table.chunk_base.numel() * CHUNK < self.end - code_base:
-            raise ValueError("the side table's chunk_base does not cover the parameters")
         if scales.dtype != torch.float32:
             scales = scales.to(torch.float32)
         p = self.prepared
